@@ -1,0 +1,1 @@
+"""Export writers, installed and imported as ``gate.exporters``."""

@@ -1,0 +1,1 @@
+"""Contrastive 3D encoder: model, training, ONNX export (imports torch)."""

@@ -1,0 +1,1 @@
+"""Shipped gate policies (YAML), installed as ``gate.policies`` and found by name."""
