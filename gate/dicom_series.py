@@ -19,6 +19,11 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """DICOM patient coordinates are LPS; gate (like nibabel) uses RAS."""
 
 
+REQUIRED_KEYWORDS = ("SeriesInstanceUID", "PixelData")
+"""A slice without these is truncated or is not an image: pydicom reads such files lazily
+without complaint, so they are checked explicitly."""
+
+
 def read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Read every file of a series folder.
 
@@ -32,17 +37,24 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, str | None]
 
     Raises:
         InputError: unreadable slice, mixed series, missing geometry, inconsistent slice size.
+
     """
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     datasets = []
     for f in files:
         try:
-            datasets.append((f, pydicom.dcmread(f)))
+            ds = pydicom.dcmread(f)
         except (InvalidDicomError, OSError, EOFError, ValueError) as err:
             raise InputError(f, f"cannot read DICOM: truncated or corrupt file ({err})") from err
+        missing = [k for k in REQUIRED_KEYWORDS if k not in ds]
+        if missing:
+            raise InputError(
+                f, f"cannot read DICOM: truncated or corrupt file (no {', '.join(missing)})"
+            )
+        datasets.append((f, ds))
     if not datasets:
         raise InputError(folder, "DICOM folder holds no file")
-    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in datasets})
+    uids = sorted({str(ds.SeriesInstanceUID) for _, ds in datasets})
     if len(uids) > 1:
         raise InputError(folder, f"DICOM folder mixes {len(uids)} series: {', '.join(uids)}")
     first_path, first = datasets[0]

@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
         USAGE: bad command line, unknown policy name, invalid policy or config file.
         INPUT: unreadable / invalid input volume or integrity failure (index, model, bundle).
         INTERNAL: an unexpected error inside gate (a bug); nothing was exported.
+
     """
 
     OK = 0

@@ -50,6 +50,7 @@ def load_or_create_key(path: Path) -> bytes:
 
     Raises:
         UsageError: the file exists but does not hold 64 hex characters.
+
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,7 @@ class Pseudonymizer:
         key: HMAC key (32 bytes).
         mapping: file name or path -> patient label (from a CSV); wins over ``pattern``.
         pattern: regex with a named group ``patient`` searched in the file name.
+
     """
 
     key: bytes
@@ -99,6 +101,7 @@ class Pseudonymizer:
 
         Returns:
             The label; the default (one file = one patient) is the path itself.
+
         """
         for key in (str(path), path.name):
             if key in self.mapping:
@@ -118,6 +121,7 @@ def read_mapping_csv(path: Path) -> dict[str, str]:
 
     Raises:
         InputError: missing columns or an empty patient label.
+
     """
     try:
         with open(path, newline="") as f:

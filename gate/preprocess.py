@@ -45,6 +45,7 @@ class PreprocessConfig(BaseModel):
         clip_percentiles: (low, high) percentiles of each volume's intensities to clip at,
             0 <= low < high <= 100; the clipped range is then scaled to [0, 1].
         canonical_orientation: reorient to RAS+ before resampling.
+
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -91,6 +92,7 @@ def to_canonical(volume: Volume) -> Volume:
 
     Returns:
         A volume whose affine has a positive diagonal-dominant direction matrix (RAS+).
+
     """
     ornt = nib.orientations.io_orientation(volume.affine)
     target = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -118,6 +120,7 @@ def resample(volume: Volume, spacing_mm: tuple[float, float, float]) -> Volume:
 
     Returns:
         Volume with shape ~ round(shape * spacing / spacing_mm) and the target spacing.
+
     """
     factors = np.asarray(volume.spacing, dtype=np.float64) / np.asarray(spacing_mm, dtype=np.float64)
     if np.allclose(factors, 1.0, atol=1e-3):
@@ -142,6 +145,7 @@ def crop_or_pad(volume: Volume, grid: tuple[int, int, int]) -> Volume:
 
     Returns:
         Volume of shape ``grid``; the affine is shifted so world coordinates are preserved.
+
     """
     out = np.zeros(grid, dtype=np.float32)
     src_sl, dst_sl, shift = [], [], []
@@ -177,6 +181,7 @@ def normalize_intensity(volume: Volume, clip_percentiles: tuple[float, float]) -
 
     Returns:
         Volume with intensities in [0, 1]; a constant volume maps to all zeros.
+
     """
     lo, hi = np.percentile(volume.data, clip_percentiles)
     span = float(hi - lo)
@@ -202,6 +207,7 @@ def preprocess(volume: Volume, config: PreprocessConfig) -> Volume:
 
     Returns:
         Volume of shape ``config.grid``, spacing ``config.spacing_mm``, intensities in [0, 1].
+
     """
     if config.canonical_orientation:
         volume = to_canonical(volume)
@@ -219,6 +225,7 @@ def preprocess_batch(volumes: list[Volume], config: PreprocessConfig) -> np.ndar
 
     Returns:
         float32 array (N, 1, X, Y, Z) on ``config.grid``.
+
     """
     grid = config.grid
     out = np.empty((len(volumes), 1, *grid), dtype=np.float32)

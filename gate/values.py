@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class Volume:
         spacing: voxel size along X, Y, Z in mm, all > 0.
         source: where the voxels came from (a path, ``file.npz#key[i]``, or ``generated:...``).
         patient_id: pseudonymous patient id (never a clear identifier).
+
     """
 
     data: np.ndarray
@@ -72,6 +73,7 @@ class Embedding:
         vector: float32, shape (D,), L2 norm 1.
         encoder_sha256: sha256 of the ONNX encoder file that produced it.
         source: the :attr:`Volume.source` it was computed from.
+
     """
 
     vector: np.ndarray
@@ -104,6 +106,7 @@ class Neighbours:
         similarities: cosine similarity in [-1, 1] (higher = closer), float64 (k,),
             non-increasing. Converted from hnswlib's ``1 - cos`` once, at the index boundary.
         exact_duplicate: True when the candidate's voxel hash equals a training volume's.
+
     """
 
     patient_ids: tuple[str, ...]
@@ -136,7 +139,7 @@ class Neighbours:
         return float(self.similarities[0])
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     """What the gate does with a candidate."""
 
     PASS = "pass"
@@ -144,7 +147,7 @@ class Verdict(str, Enum):
     REJECT = "reject"
 
 
-class Grade(str, Enum):
+class Grade(StrEnum):
     """DeepSSIM's three similarity grades of a candidate against its nearest patient."""
 
     DIFFERENT = "different"
@@ -170,6 +173,7 @@ class Decision:
         policy_id: the policy's name, e.g. ``strict``.
         policy_sha256: sha256 of the policy file's bytes.
         exact_duplicate: True when the voxel-hash check matched a training volume.
+
     """
 
     verdict: Verdict

@@ -37,6 +37,7 @@ class ReadOptions:
     Attributes:
         pseudonymizer: turns clear labels (PatientID, CSV label, file name) into keyed ids.
         max_voxels: refuse volumes with more voxels than this.
+
     """
 
     pseudonymizer: Pseudonymizer
@@ -65,7 +66,8 @@ def discover(paths: list[Path]) -> list[Path]:
     """Expand files and folders into the sources :func:`read_volumes` takes.
 
     A folder that directly holds DICOM files is one series source; any other folder is walked
-    recursively for NIfTI / NumPy files and DICOM series folders. Hidden files are ignored.
+    recursively and each of its files is a source (an unsupported one is rejected by
+    :func:`read_volumes`, never skipped). Hidden files (dot-names) are ignored.
 
     Args:
         paths: files or folders given by the user.
@@ -75,6 +77,7 @@ def discover(paths: list[Path]) -> list[Path]:
 
     Raises:
         InputError: a path does not exist, or a folder holds nothing readable.
+
     """
     found: list[Path] = []
     for path in paths:
@@ -96,11 +99,9 @@ def _walk(folder: Path) -> Iterator[Path]:
     if any(_suffix(p) in (".dcm", ".dicom", ".ima") or _is_dicom_file(p) for p in files):
         yield folder
         return
-    for p in files:
-        if _suffix(p) in NIFTI_SUFFIXES + NUMPY_SUFFIXES:
-            yield p
-        else:
-            raise InputError(p, f"unsupported extension '{_suffix(p) or p.name}' ({SUPPORTED})")
+    # Every other file is a source, even one of an unsupported type: read_volumes rejects it
+    # by name, so nothing in a folder is skipped silently.
+    yield from files
     for p in entries:
         if p.is_dir():
             yield from _walk(p)
@@ -119,6 +120,7 @@ def read_volumes(path: Path, options: ReadOptions) -> list[Volume]:
     Raises:
         InputError: unreadable, corrupt, not 3D, non-finite, empty, constant, too large,
             mixed DICOM series, or unsupported extension.
+
     """
     if path.is_dir():
         from gate.dicom_series import read_dicom_series
@@ -177,8 +179,11 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _read_npz(path: Path) -> list[tuple[str, np.ndarray]]:
-    """Arrays of an .npz: every ``<split>_images`` stack (N, X, Y, Z[, 1]) split into volumes,
-    or, without such keys, each array as one volume."""
+    """Arrays of an .npz, as (source, array) pairs.
+
+    Every MedMNIST-style ``<split>_images`` stack (N, X, Y, Z[, 1]) is split into N volumes;
+    without such keys, each array is one volume.
+    """
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

@@ -83,7 +83,7 @@ class GateGroup(click.Group):
 @click.version_option(__version__, prog_name="gate")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress and show tracebacks.")
 def main(verbose: bool) -> None:
-    """gate: the privacy gate for synthetic 3D medical images.
+    r"""gate: the privacy gate for synthetic 3D medical images.
 
     \b
     Exit codes: 0 ok, 1 policy violations found, 2 usage error,

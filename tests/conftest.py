@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny volumes in tmp_path, a fixed pseudonymisation key, the real data dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gate.identity import Pseudonymizer
+from gate.volume import ReadOptions
+
+HIPPOCAMPUS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msd_hippocampus"
+"""The shared MSD Task04 Hippocampus copy (CC-BY-SA 4.0), beside the checkout."""
+
+TEST_KEY = bytes(range(32))
+
+
+@pytest.fixture
+def pseudonymizer() -> Pseudonymizer:
+    return Pseudonymizer(key=TEST_KEY)
+
+
+@pytest.fixture
+def read_opts(pseudonymizer: Pseudonymizer) -> ReadOptions:
+    return ReadOptions(pseudonymizer=pseudonymizer)
+
+
+@pytest.fixture
+def hippocampus_dir() -> Path:
+    images = HIPPOCAMPUS_DIR / "imagesTr"
+    if not images.is_dir():
+        pytest.skip(f"real data not found at {images}")
+    return images

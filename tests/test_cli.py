@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gate import __version__
+from gate.cli import main
+from tests.volumes import make_blob, write_nifti
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    return CliRunner()
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_info_lists_versions_providers_policies(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime providers: " in result.output and "CPUExecutionProvider" in result.output
+    assert "hnswlib" in result.output and "pydicom" in result.output
+    assert "policies: " in result.output
+
+
+def test_inspect_good_and_bad(runner: CliRunner, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_nifti(data_dir / "a.nii.gz", make_blob((16, 16, 16)))
+    write_nifti(data_dir / "b.nii.gz", make_blob((12, 16, 20), seed=1))
+    result = runner.invoke(main, ["inspect", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "volumes: 2 from 2 source(s)" in result.output
+    assert "shape:   min (12, 16, 16)  max (16, 16, 20)" in result.output
+    assert "patients: 2" in result.output and "unreadable: 0" in result.output
+
+    np.save(data_dir / "nan.npy", np.full((4, 4, 4), np.nan, dtype=np.float32))
+    result = runner.invoke(main, ["inspect", str(data_dir)])
+    assert result.exit_code == 3
+    assert f"  {data_dir / 'nan.npy'}: voxels contain NaN or Inf (64 of 64)" in result.output
+
+
+def test_unsupported_file_is_one_line_exit_3(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "x.txt"
+    bad.write_text("x")
+    result = runner.invoke(main, ["inspect", str(bad)])
+    assert result.exit_code == 3
+    assert result.output.strip().splitlines() == [
+        "volumes: 0 from 1 source(s)",
+        "unreadable: 1",
+        f"  {bad}: unsupported extension '.txt' (expected .nii, .nii.gz, .npy, .npz or a DICOM series folder)",
+    ]
+
+
+def test_missing_path_is_input_error(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["inspect", str(tmp_path / "nope")])
+    assert result.exit_code == 3
+    assert result.output == f"gate: error: {tmp_path / 'nope'}: no such file or folder\n"
+
+
+def test_usage_error_exit_2(runner: CliRunner) -> None:
+    assert runner.invoke(main, ["inspect"]).exit_code == 2
+    assert runner.invoke(main, ["no-such-command"]).exit_code == 2
+
+
+@pytest.mark.realdata
+def test_inspect_real_hippocampus(runner: CliRunner, hippocampus_dir: Path) -> None:
+    result = runner.invoke(main, ["inspect", str(hippocampus_dir)])
+    assert result.exit_code == 0, result.output
+    assert "volumes: 261 from 261 source(s)" in result.output
+    assert "shape:   min (31, 40, 24)  max (43, 59, 47)" in result.output
+    assert "unreadable: 0" in result.output
