@@ -1,11 +1,198 @@
-"""Gate policies: YAML files validated into pydantic models, found by name or path."""
+"""Gate policies: YAML files validated into pydantic models, found by name or path.
+
+A policy maps the nearest training patient's cosine similarity to one of DeepSSIM's three
+grades and each grade to an action::
+
+    similarity >= duplicate threshold               -> duplicate  -> reject (always)
+    similar threshold <= similarity < duplicate     -> similar    -> actions.similar
+    similarity < similar threshold                  -> different  -> actions.different
+
+Thresholds are absolute cosine similarities or percentiles of the index's calibration
+distribution (each real patient's nearest-training similarity, see :mod:`gate.calibration`).
+Invariants enforced on load, so that every valid policy is safe to use:
+
+- ``actions.duplicate`` is ``reject`` (every policy rejects an exact copy);
+- actions never get milder as similarity grows (different <= similar <= duplicate);
+- when both thresholds are of the same kind, similar <= duplicate.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gate.calibration import Calibration
+from gate.digest import sha256_bytes
 from gate.errors import PolicyError
+from gate.values import VERDICT_SEVERITY, Grade, Verdict
+
+POLICY_SCHEMA_VERSION = 1
+"""The one schema version this code reads; a policy must state it so old files fail loudly."""
+
+MAX_K = 100
+"""Upper bound on reported neighbours: more is noise in a report, and costs search time."""
+
+
+class ThresholdKind(StrEnum):
+    """How a threshold's ``value`` is read."""
+
+    ABSOLUTE = "absolute"
+    PERCENTILE = "percentile"
+
+
+class Aggregation(StrEnum):
+    """How a patient's several training volumes combine into one patient similarity."""
+
+    MAX = "max"
+
+
+class Threshold(BaseModel):
+    """One grade's lower similarity bound.
+
+    Attributes:
+        kind: ``absolute`` (value is a cosine similarity in [-1, 1]) or ``percentile``
+            (value in [0, 100] is a percentile of the calibration distribution).
+        value: the number, read according to ``kind``.
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ThresholdKind
+    value: float = Field(allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Threshold:
+        if self.kind is ThresholdKind.ABSOLUTE and not -1.0 <= self.value <= 1.0:
+            raise ValueError(
+                f"an absolute threshold is a cosine similarity; found {self.value}; "
+                "allowed values: -1 <= value <= 1"
+            )
+        if self.kind is ThresholdKind.PERCENTILE and not 0.0 <= self.value <= 100.0:
+            raise ValueError(
+                f"a percentile threshold is a percentile of the calibration distribution; found "
+                f"{self.value}; allowed values: 0 <= value <= 100"
+            )
+        return self
+
+    def resolve(self, calibration: Calibration | None, where: str) -> float:
+        """Return the threshold as a cosine similarity.
+
+        Args:
+            calibration: the index's calibration; needed for percentile thresholds.
+            where: the field path, for error messages (e.g. ``thresholds.similar``).
+
+        Raises:
+            PolicyError: a percentile threshold without calibration.
+
+        """
+        if self.kind is ThresholdKind.ABSOLUTE:
+            return self.value
+        if calibration is None:
+            raise PolicyError(
+                f"{where} is percentile {self.value:g} of the calibration distribution, but no "
+                "calibration was given; use an index built by `gate index build` or an absolute threshold"
+            )
+        return calibration.percentile(self.value)
+
+
+class Thresholds(BaseModel):
+    """Lower similarity bounds of the ``similar`` and ``duplicate`` grades (``different`` is below)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    similar: Threshold
+    duplicate: Threshold
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if self.similar.kind == self.duplicate.kind and self.similar.value > self.duplicate.value:
+            raise ValueError(
+                f"similar.value ({self.similar.value:g}) must not exceed duplicate.value "
+                f"({self.duplicate.value:g}) when both are {self.similar.kind.value}"
+            )
+        return self
+
+
+class Actions(BaseModel):
+    """What to do with a candidate of each grade."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    different: Verdict
+    similar: Verdict
+    duplicate: Verdict
+
+    @model_validator(mode="after")
+    def _safe(self) -> Actions:
+        if self.duplicate is not Verdict.REJECT:
+            raise ValueError(
+                f"duplicate must be reject (every policy rejects copies); found {self.duplicate.value!r}; "
+                "allowed values: reject"
+            )
+        sev = [VERDICT_SEVERITY[self.different], VERDICT_SEVERITY[self.similar]]
+        if sev[0] > sev[1]:
+            raise ValueError(
+                f"actions must not get milder as similarity grows; found different={self.different.value}"
+                f" but similar={self.similar.value}"
+            )
+        return self
+
+    def for_grade(self, grade: Grade) -> Verdict:
+        """Return the action of one grade."""
+        return {
+            Grade.DIFFERENT: self.different,
+            Grade.SIMILAR: self.similar,
+            Grade.DUPLICATE: self.duplicate,
+        }[grade]
+
+
+class Policy(BaseModel):
+    """A gate policy as written in YAML (see ``policies/*.yaml`` for every field, documented).
+
+    Attributes:
+        schema_version: must be 1.
+        description: one human sentence.
+        thresholds: lower bounds of the similar and duplicate grades.
+        actions: verdict per grade.
+        k: number of nearest training patients to report (the verdict uses the nearest).
+        aggregation: how a patient's volumes combine (``max``: the closest volume counts).
+        exact_duplicate_check: reject any candidate whose preprocessed voxels hash equal to a
+            training volume's, whatever the embedding says.
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = Field(ge=POLICY_SCHEMA_VERSION, le=POLICY_SCHEMA_VERSION)
+    description: str = ""
+    thresholds: Thresholds
+    actions: Actions
+    k: int = Field(ge=1, le=MAX_K)
+    aggregation: Aggregation
+    exact_duplicate_check: bool
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy and what identifies it.
+
+    Attributes:
+        policy: the validated model.
+        id: the policy's name (file stem, e.g. ``strict``).
+        sha256: sha256 of the policy file's bytes.
+
+    """
+
+    policy: Policy
+    id: str
+    sha256: str
 
 
 def policy_names() -> list[str]:
@@ -19,6 +206,7 @@ def policy_path(name_or_path: str) -> Path:
 
     Raises:
         PolicyError: neither a shipped policy name nor an existing file; lists the names.
+
     """
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
@@ -29,3 +217,111 @@ def policy_path(name_or_path: str) -> Path:
         f"unknown policy {name_or_path!r}: expected one of {', '.join(policy_names())} "
         "or a path to a .yaml file"
     )
+
+
+def load_policy(name_or_path: str) -> LoadedPolicy:
+    """Read and validate a shipped policy (by name) or a policy file (by path).
+
+    Args:
+        name_or_path: ``strict`` / ``standard`` / ``permissive`` or a ``.yaml`` path.
+
+    Returns:
+        The validated policy with its id (file stem) and sha256 (of the file's bytes).
+
+    Raises:
+        PolicyError: unknown name (lists the available ones), YAML syntax error, or invalid
+            content (field path, bad value and allowed values, in one message).
+
+    """
+    path = policy_path(name_or_path)
+    raw = path.read_bytes()
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise PolicyError(f"policy {path.name}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(data, dict):
+        raise PolicyError(
+            f"policy {path.name}: expected a YAML mapping of fields; found {type(data).__name__}"
+        )
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(_describe(e) for e in err.errors())
+        raise PolicyError(f"policy {path.name}: {problems}") from err
+    return LoadedPolicy(policy=policy, id=path.stem, sha256=sha256_bytes(raw))
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as ``field.path: problem (bad value); allowed values: ...``."""
+    loc = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_fields_at(error["loc"][:-1]))
+        return f"{loc}: unknown field; allowed fields: {allowed}"
+    if kind == "missing":
+        return f"{loc}: required field is missing"
+    if kind == "enum":
+        return f"{loc}: {value!r} is not allowed; allowed values: {error['ctx']['expected']}"
+    if kind == "value_error":
+        return f"{loc}: {error['ctx']['error']}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        bounds = _bounds(error["loc"])
+        return f"{loc}: {value!r} is out of range; allowed values: {bounds}"
+    return f"{loc}: {error['msg'].lower()}; found {value!r}"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model reached by ``loc`` from :class:`Policy`."""
+    model: Any = Policy
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        model = annotation
+    return list(model.model_fields)
+
+
+def _bounds(loc: tuple[Any, ...]) -> str:
+    """``lo <= value <= hi`` for a constrained integer field of :class:`Policy`."""
+    if loc == ("k",):
+        return f"1 <= k <= {MAX_K}"
+    if loc == ("schema_version",):
+        return str(POLICY_SCHEMA_VERSION)
+    return "see the policy file's comments"
+
+
+def at_least_as_strict(a: LoadedPolicy, b: LoadedPolicy, calibration: Calibration | None = None) -> bool:
+    """Whether ``a`` provably rejects (and flags) everything ``b`` does.
+
+    Sufficient condition, checked grade by grade: ``a``'s thresholds are no higher than
+    ``b``'s, ``a``'s actions no milder, and ``a`` checks exact duplicates if ``b`` does.
+    Since actions are monotone in similarity (enforced on load), this implies
+    ``severity(a(s)) >= severity(b(s))`` for every similarity ``s``. Thresholds of different
+    kinds (absolute vs percentile) are comparable only through ``calibration``; without it the
+    answer is False (not provable).
+
+    Args:
+        a: the supposedly stricter policy.
+        b: the supposedly looser policy.
+        calibration: optional, to compare thresholds of different kinds.
+
+    Returns:
+        True when proven.
+
+    """
+    pa, pb = a.policy, b.policy
+    if pb.exact_duplicate_check and not pa.exact_duplicate_check:
+        return False
+    for grade in (Grade.DIFFERENT, Grade.SIMILAR, Grade.DUPLICATE):
+        if VERDICT_SEVERITY[pa.actions.for_grade(grade)] < VERDICT_SEVERITY[pb.actions.for_grade(grade)]:
+            return False
+    for name in ("similar", "duplicate"):
+        ta: Threshold = getattr(pa.thresholds, name)
+        tb: Threshold = getattr(pb.thresholds, name)
+        if ta.kind == tb.kind:
+            if ta.value > tb.value:
+                return False
+        elif calibration is None:
+            return False
+        elif ta.resolve(calibration, name) > tb.resolve(calibration, name):
+            return False
+    return True

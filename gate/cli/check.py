@@ -1,0 +1,156 @@
+"""``gate check``: judge candidate volumes against the training index under a policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gate import __version__
+from gate.cli.index import encoder_options, load_encoder, read_all
+from gate.cli.options import input_options, read_options
+from gate.decide import decide
+from gate.errors import ExitCode
+from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
+from gate.policy import load_policy
+from gate.values import Decision, Neighbours, Verdict
+
+DEFAULT_POLICY = "strict"
+"""Fail closed: without --policy, the strictest shipped policy applies."""
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--policy",
+    "policy_name",
+    default=DEFAULT_POLICY,
+    show_default=True,
+    help="Shipped policy name (strict, standard, permissive) or a .yaml file.",
+)
+@click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_INDEX_DIR,
+    show_default="the shipped index",
+    help="Index folder.",
+)
+@encoder_options
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write every decision (and every unreadable input) to this JSON file.",
+)
+@click.option("--fail-on-flag", is_flag=True, help="Exit 1 when any volume is flagged, not only rejected.")
+@input_options
+def check(
+    paths: tuple[Path, ...],
+    policy_name: str,
+    index_dir: Path,
+    encoder_dir: Path | None,
+    json_path: Path | None,
+    fail_on_flag: bool,
+    device: str,
+    id_key_file: Path | None,
+    patient_map: Path | None,
+    patient_pattern: str | None,
+    max_voxels: int,
+) -> None:
+    """Check candidate volumes (files or folders) against the training index.
+
+    Verdicts: pass; flag (shown, never exported; fails only with --fail-on-flag); reject.
+
+    Exit codes: 0 all pass or flagged; 1 any rejected; 2 bad policy; 3 any unreadable input or
+    integrity error (fail closed: then nothing counts as passed).
+    """
+    policy = load_policy(policy_name)
+    options = read_options(id_key_file, patient_map, patient_pattern, max_voxels)
+    encoder = load_encoder(encoder_dir, device)
+    index = TrainingIndex.load(index_dir, encoder)
+    volumes, _, errors = read_all(list(paths), options)
+    probes = embed_volumes(volumes, encoder)
+    neighbours = index.search_many(
+        [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
+    )
+    decisions = [decide(n, policy, index.calibration) for n in neighbours]
+    counts = {v: sum(d.verdict is v for d in decisions) for v in Verdict}
+    click.echo(
+        f"policy {policy.id} ({policy.sha256[:12]}…), index {index.sha256[:12]}…, "
+        f"encoder {encoder.sha256[:12]}…"
+    )
+    click.echo(
+        f"{'verdict':<7} {'grade':<9} {'similarity':>10} {'threshold':>9} {'exact':<5} "
+        f"{'nearest patient':<18} source"
+    )
+    for vol, dec in zip(volumes, decisions, strict=True):
+        click.echo(
+            f"{dec.verdict.value:<7} {dec.grade.value:<9} {dec.similarity:>10.4f} {dec.threshold:>9.4f} "
+            f"{'yes' if dec.exact_duplicate else 'no':<5} {dec.nearest_patient_id:<18} {vol.source}"
+        )
+    for err in errors:
+        click.echo(f"{'ERROR':<7} {'-':<9} {'-':>10} {'-':>9} {'-':<5} {'-':<18} {err}")
+    click.echo(
+        f"checked {len(decisions)}: {counts[Verdict.PASS]} pass, {counts[Verdict.FLAG]} flag, "
+        f"{counts[Verdict.REJECT]} reject; {len(errors)} unreadable"
+    )
+    if errors:
+        code = ExitCode.INPUT
+    elif counts[Verdict.REJECT] or (fail_on_flag and counts[Verdict.FLAG]):
+        code = ExitCode.VIOLATION
+    else:
+        code = ExitCode.OK
+    if json_path is not None:
+        report = {
+            "gate_version": __version__,
+            "policy": {"id": policy.id, "sha256": policy.sha256},
+            "index_sha256": index.sha256,
+            "encoder_sha256": encoder.sha256,
+            "results": [
+                _result(v.source, d, n) for v, d, n in zip(volumes, decisions, neighbours, strict=True)
+            ],
+            "errors": [{"source": e.path, "problem": e.problem} for e in errors],
+            "summary": {v.value: counts[v] for v in Verdict} | {"unreadable": len(errors)},
+            "exit_code": int(code),
+        }
+        _write_json(json_path, report)
+    if errors:
+        click.echo(f"gate: {len(errors)} input(s) unreadable; nothing counts as passed", err=True)
+    raise SystemExit(int(code))
+
+
+def _result(source: str, dec: Decision, neighbours: Neighbours) -> dict[str, Any]:
+    return {
+        "source": source,
+        "verdict": dec.verdict.value,
+        "grade": dec.grade.value,
+        "similarity": dec.similarity,
+        "threshold": dec.threshold,
+        "nearest_patient_id": dec.nearest_patient_id,
+        "exact_duplicate": dec.exact_duplicate,
+        "details": dec.details,
+        "neighbours": [
+            {"patient_id": pid, "similarity": float(s)}
+            for pid, s in zip(neighbours.patient_ids, neighbours.similarities, strict=True)
+        ],
+    }
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,182 @@
+"""``gate index build``: embed the training volumes and write a verified index folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import numpy as np
+
+from gate.calibration import Calibration, holdout, leave_one_patient_out
+from gate.cli.options import input_options, read_options
+from gate.digest import sha256_file, sha256_json
+from gate.errors import ExitCode, InputError
+from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index, embed_volumes
+from gate.values import Volume
+from gate.volume import ReadOptions, discover, read_volumes
+
+DEVICES = ("auto", "cpu", "cuda")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def encoder_options(func: F) -> F:
+    """Add ``--encoder DIR`` (default: the shipped encoder) and ``--device auto|cpu|cuda``."""
+    func = click.option(
+        "--device",
+        type=click.Choice(DEVICES),
+        default="auto",
+        show_default=True,
+        help="onnxruntime device; cuda fails (exit 3) when CUDA is unavailable.",
+    )(func)
+    return click.option(
+        "--encoder",
+        "encoder_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Encoder folder (encoder.onnx + encoder.json); default: the shipped encoder. "
+        "Must be the index's encoder.",
+    )(func)
+
+
+def load_encoder(encoder_dir: Path | None, device: str) -> EmbeddingModel:
+    """Load the ONNX encoder in ``encoder_dir`` (default: the shipped one), verified by gate.embed."""
+    from gate.embed import DEFAULT_ENCODER_DIR, Encoder
+
+    return Encoder(encoder_dir or DEFAULT_ENCODER_DIR, device=device)  # type: ignore[arg-type]
+
+
+def source_sha256(source: Path) -> str:
+    """sha256 of a file, or of the sorted (name, sha256) list of a DICOM series folder's files."""
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sha256_json([[p.name, sha256_file(p)] for p in files])
+    return sha256_file(source)
+
+
+def read_all(paths: list[Path], options: ReadOptions) -> tuple[list[Volume], list[str], list[InputError]]:
+    """Read every source; collect (never skip silently) the ones that fail.
+
+    Returns:
+        Volumes, the sha256 of each volume's source file, and the errors.
+
+    """
+    volumes: list[Volume] = []
+    hashes: list[str] = []
+    errors: list[InputError] = []
+    sources: list[Path] = []
+    for path in paths:
+        try:
+            sources.extend(discover([path]))
+        except InputError as err:
+            errors.append(err)
+    for source in sources:
+        try:
+            vols = read_volumes(source, options)
+        except InputError as err:
+            errors.append(err)
+            continue
+        digest = source_sha256(source)
+        volumes.extend(vols)
+        hashes.extend([digest] * len(vols))
+    return volumes, hashes, errors
+
+
+def _fail_on(errors: list[InputError]) -> None:
+    if errors:
+        for err in errors:
+            click.echo(f"gate: error: {err}", err=True)
+        click.echo(f"gate: {len(errors)} input(s) unreadable; no index written", err=True)
+        raise SystemExit(int(ExitCode.INPUT))
+
+
+@click.group()
+def index() -> None:
+    """Build the index of the training patients that `gate check` compares against."""
+
+
+@index.command("build")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Training volumes: files or folders (repeatable).",
+)
+@encoder_options
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="New index folder (must not exist).",
+)
+@click.option(
+    "--holdout",
+    "holdout_paths",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Volumes of other real patients, for calibration; default: leave-one-patient-out.",
+)
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="hnswlib and self-test seed.")
+@input_options
+def build(
+    data: tuple[Path, ...],
+    encoder_dir: Path | None,
+    out_dir: Path,
+    holdout_paths: tuple[Path, ...],
+    seed: int,
+    device: str,
+    id_key_file: Path | None,
+    patient_map: Path | None,
+    patient_pattern: str | None,
+    max_voxels: int,
+) -> None:
+    """Embed every training volume and write an hnswlib index with its JSON manifest.
+
+    The manifest holds digests and pseudonymous patient ids only (no names, no paths), the
+    calibration distribution and the self-test result. Exits 3 if any input is unreadable.
+    """
+    options = read_options(id_key_file, patient_map, patient_pattern, max_voxels)
+    encoder = load_encoder(encoder_dir, device)
+    volumes, hashes, errors = read_all(list(data), options)
+    held: list[Volume] = []
+    if holdout_paths:
+        held, _, more = read_all(list(holdout_paths), options)
+        errors.extend(more)
+    _fail_on(errors)
+    click.echo(f"embedding {len(volumes)} training volume(s) with encoder {encoder.sha256[:12]}…")
+    probes = embed_volumes(volumes, encoder)
+    patient_ids = [v.patient_id for v in volumes]
+    vectors = _matrix(probes)
+    calibration: Calibration
+    if held:
+        click.echo(f"calibrating on {len(held)} holdout volume(s)")
+        calibration = holdout(
+            _matrix(embed_volumes(held, encoder)), [v.patient_id for v in held], vectors, patient_ids
+        )
+    else:
+        calibration = leave_one_patient_out(vectors, patient_ids, seed)
+    manifest = build_index(probes, patient_ids, hashes, encoder, out_dir, calibration, seed)
+    p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
+    click.echo(f"index: {out_dir}")
+    click.echo(
+        f"  volumes {manifest.count}, patients {manifest.n_patients}, dim {manifest.dim}, "
+        f"M {manifest.M}, ef {manifest.ef}, candidates {manifest.candidates}"
+    )
+    click.echo(
+        f"  self-test recall@1 {manifest.self_test.recall_at_1:.4f} "
+        f"({manifest.self_test.probes} probes x cosines {list(manifest.self_test.cosines)})"
+    )
+    click.echo(
+        f"  calibration ({calibration.method.value}, {calibration.n_patients} patients): "
+        f"nearest-training similarity p50 {p50:.4f}, p90 {p90:.4f}, p99 {p99:.4f}"
+    )
+    click.echo(f"  index sha256 {manifest.index_sha256}")
+
+
+def _matrix(probes: list[Probe]) -> np.ndarray:
+    return np.stack([p.embedding.vector for p in probes]).astype(np.float32)

@@ -1,0 +1,599 @@
+"""The training-data index: hnswlib over the training embeddings, with a JSON manifest.
+
+An index directory holds three files and never goes into a bundle::
+
+    index.bin      hnswlib graph (space "cosine"), labels = row numbers
+    vectors.npy    float32 (N, D) unit rows, the exact vectors (for re-ranking; no pickle)
+    manifest.json  IndexManifest: parameters, digests, pseudonymous patient id per row,
+                   file and voxel hashes, calibration, self-test result
+
+Search is "HNSW proposes, exact cosine decides": hnswlib returns :data:`CANDIDATES` rows,
+their exact cosine similarity to the query is recomputed from ``vectors.npy`` (and checked
+against hnswlib's ``1 - cos``, converted here and nowhere else), rows are aggregated per
+patient (max), and the closest patients come back as :class:`~gate.values.Neighbours`.
+
+Recall is a privacy property (an ANN miss is a false pass), so every build runs a self-test
+(planted perturbed copies of training vectors must come back as their source, recall@1 = 1.0),
+records it in the manifest, and :meth:`TrainingIndex.load` refuses an index that failed it,
+re-running a smaller self-test after every load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol
+
+import hnswlib
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gate import __version__
+from gate.calibration import Calibration
+from gate.digest import sha256_file, sha256_voxels
+from gate.errors import IntegrityError, UsageError
+from gate.preprocess import PreprocessConfig, preprocess
+from gate.values import Embedding, Neighbours, Volume
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX_DIR = Path(__file__).resolve().parent / "models" / "index"
+"""The shipped index of the shipped encoder (built on the 261 MSD hippocampus volumes)."""
+
+INDEX_FILE = "index.bin"
+VECTORS_FILE = "vectors.npy"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+"""Manifest format this code writes and reads."""
+
+SPACE = "cosine"
+"""hnswlib space; its distance is ``1 - cos``, converted to cosine similarity in :meth:`search`."""
+
+HNSW_M = 32
+"""Graph degree. hnswlib's default 16 gave recall@1 0.39 on near-copies at 100k (ef=10); 32
+doubles the links per node (memory +128 B/row) and, with the ef below, measured recall@1 = 1.0
+on near-copies up to 100k random 128-d unit vectors (bench/index_bench.py)."""
+
+EF_CONSTRUCTION = 200
+"""Build-time beam width: 200 is hnswlib's recommendation for high-recall graphs; build time
+grows ~linearly with it."""
+
+EF_SEARCH = 256
+"""Query beam width (hnswlib does not persist ef: set after every load). Must be >= the
+number of candidates; 256 keeps the query well under a millisecond at 100k rows."""
+
+CANDIDATES = 64
+"""Rows retrieved from hnswlib before exact re-ranking. A patient rarely has more than a few
+volumes, so 64 rows cover the k <= 100 patients of any report in practice, and more rows are
+a cheap safety margin for the nearest one."""
+
+DISTANCE_TOLERANCE = 1e-3
+"""Max |hnswlib cosine - exact cosine| of a candidate. float32 dot products of unit vectors
+agree to ~1e-6; a wrong-dimension or corrupted graph disagrees by ~0.1 or returns NaN."""
+
+SELF_TEST_PROBES = 1000
+"""Planted near-copies per build self-test (all rows when fewer): at recall 0.999 a miss
+would show with probability 1 - 0.999^1000 = 63%; every miss fails the build."""
+
+LOAD_SELF_TEST_PROBES = 64
+"""Smaller self-test after every load: catches a graph that loads but answers wrongly."""
+
+SELF_TEST_COSINES = (0.99, 0.95, 0.9)
+"""Cosine of the planted copies to their source: from a resaved scan to a heavy edit."""
+
+DEFAULT_K = 5
+"""Patients reported when the caller does not say (policies set their own k)."""
+
+BUILD_THREADS = 1
+"""Single-threaded insertion makes the graph, and so index.bin's sha256, reproducible."""
+
+DEFAULT_SEED = 0
+"""Seed of hnswlib's level generator and of the self-test's perturbations."""
+
+EMBED_BATCH = 16
+"""Volumes per encoder call: 16 x 32x48x32 float32 = 3 MiB of input."""
+
+PSEUDONYM_PATTERN = r"^p-[0-9a-f]{16}$"
+"""Patient ids in the manifest must be gate pseudonyms (gate.identity), never names or paths."""
+
+
+class EmbeddingModel(Protocol):
+    """What the index needs of an encoder (:class:`gate.embed.Encoder` satisfies it)."""
+
+    sha256: str
+    dim: int
+    preprocess: PreprocessConfig
+
+    def embed_array(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 1, X, Y, Z) preprocessed float32 -> (N, D) float32 unit rows."""
+        ...
+
+
+class IndexRow(BaseModel):
+    """One indexed training volume.
+
+    Attributes:
+        patient_id: pseudonymous patient id.
+        file_sha256: sha256 of the source file (of its files' digests for a DICOM series).
+        voxel_sha256: :func:`gate.digest.sha256_voxels` of the preprocessed grid.
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    patient_id: str = Field(pattern=PSEUDONYM_PATTERN)
+    file_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    voxel_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class SelfTest(BaseModel):
+    """Result of planting perturbed copies of training vectors and searching for them.
+
+    Attributes:
+        probes: planted copies per cosine level.
+        cosines: cosine of the copies to their source.
+        recall_at_1: fraction whose top result is the source (or a row at least as close).
+        passed: recall_at_1 == 1.0.
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    probes: int
+    cosines: tuple[float, ...]
+    recall_at_1: float
+    passed: bool
+
+
+class IndexManifest(BaseModel):
+    """Everything that identifies an index and is checked at load. No names, no paths."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int
+    space: str
+    dim: int = Field(ge=1)
+    M: int = Field(ge=2)
+    ef_construction: int = Field(ge=1)
+    ef: int = Field(ge=1)
+    candidates: int = Field(ge=1)
+    count: int = Field(ge=1)
+    n_patients: int = Field(ge=1)
+    seed: int
+    encoder_sha256: str
+    preprocess_digest: str
+    preprocess: PreprocessConfig
+    index_sha256: str
+    vectors_sha256: str
+    rows: tuple[IndexRow, ...]
+    calibration: Calibration
+    self_test: SelfTest
+    gate_version: str
+    hnswlib_version: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One volume made ready for search.
+
+    Attributes:
+        embedding: its unit embedding.
+        voxel_sha256: hash of its preprocessed grid (the exact-duplicate key).
+
+    """
+
+    embedding: Embedding
+    voxel_sha256: str
+
+
+def embed_volumes(volumes: Sequence[Volume], encoder: EmbeddingModel) -> list[Probe]:
+    """Preprocess once, hash the grid, embed in batches.
+
+    Args:
+        volumes: as read from disk, any shape.
+        encoder: the encoder (its preprocessing config is used).
+
+    Returns:
+        One :class:`Probe` per volume, in order.
+
+    Raises:
+        IntegrityError: the encoder returned a non-finite or non-unit vector.
+
+    """
+    probes: list[Probe] = []
+    for start in range(0, len(volumes), EMBED_BATCH):
+        chunk = volumes[start : start + EMBED_BATCH]
+        grids = [preprocess(v, encoder.preprocess).data for v in chunk]
+        batch = np.stack(grids)[:, None].astype(np.float32, copy=False)
+        vectors = np.asarray(encoder.embed_array(batch))
+        if vectors.shape != (len(chunk), encoder.dim) or not np.all(np.isfinite(vectors)):
+            raise IntegrityError(
+                f"encoder returned {vectors.shape} with non-finite values or a wrong shape; expected "
+                f"({len(chunk)}, {encoder.dim}) finite unit vectors"
+            )
+        for vol, grid, vec in zip(chunk, grids, vectors, strict=True):
+            try:
+                emb = Embedding(
+                    vector=vec.astype(np.float32), encoder_sha256=encoder.sha256, source=vol.source
+                )
+            except ValueError as err:
+                raise IntegrityError(f"{vol.source}: encoder output is not a unit vector ({err})") from err
+            probes.append(Probe(embedding=emb, voxel_sha256=sha256_voxels(grid)))
+    return probes
+
+
+def _new_graph(vectors: np.ndarray, seed: int) -> hnswlib.Index:
+    graph = hnswlib.Index(space=SPACE, dim=vectors.shape[1])
+    graph.init_index(max_elements=len(vectors), ef_construction=EF_CONSTRUCTION, M=HNSW_M, random_seed=seed)
+    graph.set_num_threads(BUILD_THREADS)
+    graph.add_items(vectors, np.arange(len(vectors)))
+    graph.set_ef(max(EF_SEARCH, CANDIDATES))
+    return graph
+
+
+def _planted_copies(vectors: np.ndarray, rows: np.ndarray, cosine: float, seed: int) -> np.ndarray:
+    """Make unit vectors at exactly ``cosine`` to ``vectors[rows]``, in a random orthogonal direction."""
+    rng = np.random.default_rng(seed)
+    src = vectors[rows].astype(np.float64)
+    noise = rng.standard_normal(src.shape)
+    noise -= (noise * src).sum(axis=1, keepdims=True) * src
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    out = cosine * src + np.sqrt(1.0 - cosine**2) * noise
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _top_rows(
+    graph: hnswlib.Index, vectors: np.ndarray, queries: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate rows (Q, C) and their exact cosine similarities (Q, C), checked against hnswlib.
+
+    Raises:
+        IntegrityError: hnswlib returned non-finite distances, or distances that disagree with
+            the exact vectors (corrupted graph, wrong dimension).
+
+    """
+    n = min(CANDIDATES, len(vectors))
+    labels, distances = graph.knn_query(queries, k=n)
+    labels = labels.astype(np.int64)
+    if not np.all(np.isfinite(distances)):
+        raise IntegrityError("the index returned non-finite distances; rebuild it with `gate index build`")
+    hnsw_cos = 1.0 - distances.astype(np.float64)
+    exact = np.einsum("qcd,qd->qc", vectors[labels].astype(np.float64), queries.astype(np.float64))
+    if np.max(np.abs(hnsw_cos - exact)) > DISTANCE_TOLERANCE:
+        raise IntegrityError(
+            "the index's distances disagree with its stored vectors (max difference "
+            f"{np.max(np.abs(hnsw_cos - exact)):.3g} > {DISTANCE_TOLERANCE}); the graph is corrupted or of "
+            "another dimension; rebuild it with `gate index build`"
+        )
+    return labels, np.clip(exact, -1.0, 1.0)
+
+
+def run_self_test(graph: hnswlib.Index, vectors: np.ndarray, probes: int, seed: int) -> SelfTest:
+    """Plant perturbed copies of training rows and check each comes back as its source.
+
+    A probe is a hit when the top re-ranked row is its source or a row at least as similar
+    (then the decision sees a similarity at least as high: no privacy miss).
+
+    Args:
+        graph: the hnswlib graph over ``vectors``.
+        vectors: float32 (N, D) unit rows.
+        probes: copies per cosine level (capped at N).
+        seed: chooses the rows and the perturbation directions.
+
+    """
+    rng = np.random.default_rng(seed)
+    n = min(probes, len(vectors))
+    rows = rng.choice(len(vectors), size=n, replace=False)
+    hits = total = 0
+    for i, cosine in enumerate(SELF_TEST_COSINES):
+        queries = _planted_copies(vectors, rows, cosine, seed + 1 + i)
+        labels, sims = _top_rows(graph, vectors, queries)
+        src_sim = (vectors[rows].astype(np.float64) * queries.astype(np.float64)).sum(axis=1)
+        best = sims.max(axis=1)
+        hit = (labels[np.arange(n), sims.argmax(axis=1)] == rows) | (best >= src_sim - 1e-6)
+        hits += int(hit.sum())
+        total += n
+    recall = hits / total
+    return SelfTest(probes=n, cosines=SELF_TEST_COSINES, recall_at_1=recall, passed=recall == 1.0)
+
+
+def build_index(
+    probes: Sequence[Probe],
+    patient_ids: Sequence[str],
+    file_sha256s: Sequence[str],
+    encoder: EmbeddingModel,
+    out_dir: Path,
+    calibration: Calibration,
+    seed: int = DEFAULT_SEED,
+) -> IndexManifest:
+    """Build the graph, self-test it, and write the index directory atomically.
+
+    Args:
+        probes: one per training volume (from :func:`embed_volumes`).
+        patient_ids: pseudonymous patient id per volume (several volumes may share one).
+        file_sha256s: sha256 of each volume's source file.
+        encoder: the encoder the probes came from.
+        out_dir: must not exist; built under a temporary name beside it and renamed.
+        calibration: from :mod:`gate.calibration` (holdout or leave-one-patient-out).
+        seed: hnswlib level seed and self-test seed.
+
+    Returns:
+        The written manifest.
+
+    Raises:
+        UsageError: ``out_dir`` exists, no probes, or mismatched lengths.
+        IntegrityError: the self-test failed (nothing is written).
+
+    """
+    if out_dir.exists():
+        raise UsageError(
+            f"{out_dir}: already exists; choose a new --out folder (indexes are never overwritten)"
+        )
+    if not probes or not len(probes) == len(patient_ids) == len(file_sha256s):
+        raise UsageError(
+            f"need one patient id and file hash per volume; got {len(probes)} volumes, "
+            f"{len(patient_ids)} ids, {len(file_sha256s)} hashes"
+        )
+    for p in probes:
+        if p.embedding.encoder_sha256 != encoder.sha256:
+            raise IntegrityError(
+                f"{p.embedding.source}: embedded by another encoder than {encoder.sha256[:12]}"
+            )
+    rows = tuple(
+        IndexRow(patient_id=pid, file_sha256=fsha, voxel_sha256=p.voxel_sha256)
+        for p, pid, fsha in zip(probes, patient_ids, file_sha256s, strict=True)
+    )
+    vectors = np.stack([p.embedding.vector for p in probes]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    graph = _new_graph(vectors, seed)
+    self_test = run_self_test(graph, vectors, SELF_TEST_PROBES, seed)
+    log.info("self-test recall@1 %.4f over %d probes x %d levels", self_test.recall_at_1, self_test.probes, 3)
+    if not self_test.passed:
+        raise IntegrityError(
+            f"index self-test failed: recall@1 {self_test.recall_at_1:.4f} < 1.0 on planted near-copies; "
+            f"raise gate.index.EF_SEARCH / HNSW_M (now {EF_SEARCH} / {HNSW_M})"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        graph.save_index(str(tmp / INDEX_FILE))
+        np.save(tmp / VECTORS_FILE, vectors, allow_pickle=False)
+        manifest = IndexManifest(
+            format_version=FORMAT_VERSION,
+            space=SPACE,
+            dim=vectors.shape[1],
+            M=HNSW_M,
+            ef_construction=EF_CONSTRUCTION,
+            ef=max(EF_SEARCH, CANDIDATES),
+            candidates=CANDIDATES,
+            count=len(vectors),
+            n_patients=len(set(patient_ids)),
+            seed=seed,
+            encoder_sha256=encoder.sha256,
+            preprocess_digest=encoder.preprocess.digest,
+            preprocess=encoder.preprocess,
+            index_sha256=sha256_file(tmp / INDEX_FILE),
+            vectors_sha256=sha256_file(tmp / VECTORS_FILE),
+            rows=rows,
+            calibration=calibration,
+            self_test=self_test,
+            gate_version=__version__,
+            hnswlib_version=_hnswlib_version(),
+        )
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=1) + "\n")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _hnswlib_version() -> str:
+    try:
+        return metadata.version("hnswlib")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class TrainingIndex:
+    """A loaded, verified index. Create with :meth:`load`.
+
+    Attributes:
+        manifest: the verified manifest.
+        sha256: the index file's digest (= ``manifest.index_sha256``).
+        vectors: float32 (N, D) unit rows.
+
+    """
+
+    def __init__(self, manifest: IndexManifest, graph: hnswlib.Index, vectors: np.ndarray) -> None:
+        self.manifest = manifest
+        self.sha256 = manifest.index_sha256
+        self.vectors = vectors
+        self._graph = graph
+        self._patient_ids = [r.patient_id for r in manifest.rows]
+        self._voxel_hashes = frozenset(r.voxel_sha256 for r in manifest.rows)
+
+    @property
+    def calibration(self) -> Calibration:
+        """The calibration distribution recorded at build time."""
+        return self.manifest.calibration
+
+    @classmethod
+    def load(cls, index_dir: Path, encoder: EmbeddingModel) -> TrainingIndex:
+        """Load and verify an index for use with ``encoder``.
+
+        Checks, in order: manifest readable and of this format; space; encoder digest,
+        dimension and preprocessing digest; recorded self-test passed; index and vector file
+        digests; vector shape, finiteness and unit norm; the graph's count and stored vectors;
+        then sets ``ef`` and re-runs a small self-test.
+
+        Raises:
+            IntegrityError: any mismatch, with what was expected and found.
+
+        """
+        manifest = _read_manifest(index_dir)
+        _check_compatible(index_dir, manifest, encoder)
+        for name, expected in ((INDEX_FILE, manifest.index_sha256), (VECTORS_FILE, manifest.vectors_sha256)):
+            path = index_dir / name
+            if not path.is_file():
+                raise IntegrityError(f"{path}: missing; the index folder is incomplete, rebuild it")
+            found = sha256_file(path)
+            if found != expected:
+                raise IntegrityError(
+                    f"{path}: sha256 {found[:12]}… does not match the manifest's {expected[:12]}…; "
+                    "the file was modified or replaced; rebuild the index"
+                )
+        vectors = _read_vectors(index_dir / VECTORS_FILE, manifest)
+        graph = hnswlib.Index(space=SPACE, dim=manifest.dim)
+        try:
+            graph.load_index(str(index_dir / INDEX_FILE), max_elements=manifest.count)
+        except (RuntimeError, ValueError) as err:
+            raise IntegrityError(f"{index_dir / INDEX_FILE}: hnswlib cannot load it ({err})") from err
+        if graph.get_current_count() != manifest.count:
+            raise IntegrityError(
+                f"{index_dir / INDEX_FILE}: holds {graph.get_current_count()} items; "
+                f"manifest says {manifest.count}"
+            )
+        graph.set_ef(manifest.ef)  # hnswlib does not persist ef
+        sample = np.linspace(0, manifest.count - 1, num=min(16, manifest.count)).astype(np.int64)
+        stored = np.asarray(graph.get_items(sample), dtype=np.float32)
+        if stored.shape != (len(sample), manifest.dim) or not np.allclose(stored, vectors[sample], atol=1e-4):
+            raise IntegrityError(
+                f"{index_dir / INDEX_FILE}: the graph's vectors differ from {VECTORS_FILE}; rebuild the index"
+            )
+        check = run_self_test(graph, vectors, LOAD_SELF_TEST_PROBES, manifest.seed + 7)
+        if not check.passed:
+            raise IntegrityError(
+                f"{index_dir}: self-test after load failed "
+                f"(recall@1 {check.recall_at_1:.4f} < 1.0); rebuild it"
+            )
+        return cls(manifest, graph, vectors)
+
+    def search_many(
+        self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K
+    ) -> list[Neighbours]:
+        """Nearest training patients of several candidates (see :meth:`search`)."""
+        if not embeddings:
+            return []
+        for emb in embeddings:
+            if emb.encoder_sha256 != self.manifest.encoder_sha256:
+                raise IntegrityError(
+                    f"{emb.source}: embedded by encoder {emb.encoder_sha256[:12]}…, but the index was built "
+                    f"with {self.manifest.encoder_sha256[:12]}…; embed with the index's encoder"
+                )
+            if emb.dim != self.manifest.dim:
+                raise IntegrityError(
+                    f"{emb.source}: embedding dimension {emb.dim}; index expects {self.manifest.dim}"
+                )
+        queries = np.stack([e.vector for e in embeddings]).astype(np.float32)
+        labels, sims = _top_rows(self._graph, self.vectors, queries)
+        out = []
+        for row_labels, row_sims, voxel in zip(labels, sims, voxel_sha256s, strict=True):
+            best: dict[str, float] = {}
+            for label, sim in zip(row_labels.tolist(), row_sims.tolist(), strict=True):
+                pid = self._patient_ids[label]
+                best[pid] = max(best.get(pid, -1.0), sim)  # patient-level aggregation: max
+            ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:k]
+            out.append(
+                Neighbours(
+                    patient_ids=tuple(pid for pid, _ in ranked),
+                    similarities=np.asarray([s for _, s in ranked], dtype=np.float64),
+                    exact_duplicate=voxel is not None and voxel in self._voxel_hashes,
+                )
+            )
+        return out
+
+    def search(self, embedding: Embedding, voxel_sha256: str | None = None, k: int = DEFAULT_K) -> Neighbours:
+        """Nearest training patients of one candidate.
+
+        Args:
+            embedding: the candidate's embedding, from this index's encoder.
+            voxel_sha256: hash of its preprocessed grid, for the exact-duplicate check.
+            k: at most this many distinct patients are returned.
+
+        Returns:
+            Neighbours with exact cosine similarities (patient-level max), closest first.
+
+        Raises:
+            IntegrityError: wrong encoder or dimension, or the graph answers inconsistently.
+
+        """
+        return self.search_many([embedding], [voxel_sha256], k)[0]
+
+
+def _read_manifest(index_dir: Path) -> IndexManifest:
+    path = index_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise IntegrityError(f"{path}: not found; expected an index folder written by `gate index build`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"{path}: unreadable JSON ({err}); rebuild the index") from err
+    if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+        raise IntegrityError(
+            f"{path}: format_version {data.get('format_version')!r}; "
+            f"this gate reads {FORMAT_VERSION}; rebuild it"
+        )
+    try:
+        return IndexManifest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise IntegrityError(
+            f"{path}: invalid manifest at {where}: {first['msg']}; rebuild the index"
+        ) from err
+
+
+def _check_compatible(index_dir: Path, manifest: IndexManifest, encoder: EmbeddingModel) -> None:
+    if manifest.space != SPACE:
+        raise IntegrityError(f"{index_dir}: space {manifest.space!r}; expected {SPACE!r}")
+    if manifest.encoder_sha256 != encoder.sha256:
+        raise IntegrityError(
+            f"{index_dir}: built with encoder {manifest.encoder_sha256[:12]}…, but the encoder in use is "
+            f"{encoder.sha256[:12]}…; pass the matching --encoder or rebuild with `gate index build`"
+        )
+    if manifest.dim != encoder.dim:
+        raise IntegrityError(
+            f"{index_dir}: dimension {manifest.dim}, but the encoder makes {encoder.dim}-d embeddings; "
+            "rebuild the index with this encoder"
+        )
+    if (
+        manifest.preprocess_digest != encoder.preprocess.digest
+        or manifest.preprocess.digest != manifest.preprocess_digest
+    ):
+        raise IntegrityError(
+            f"{index_dir}: preprocessing digest {manifest.preprocess_digest[:12]}… differs from "
+            f"the encoder's "
+            f"{encoder.preprocess.digest[:12]}…; rebuild the index with this encoder"
+        )
+    if not manifest.self_test.passed or manifest.self_test.recall_at_1 < 1.0:
+        raise IntegrityError(
+            f"{index_dir}: build self-test recall@1 {manifest.self_test.recall_at_1:.4f} < 1.0; refusing an "
+            "index that misses near-copies; rebuild it"
+        )
+    if len(manifest.rows) != manifest.count:
+        raise IntegrityError(
+            f"{index_dir}: manifest lists {len(manifest.rows)} rows but count {manifest.count}"
+        )
+
+
+def _read_vectors(path: Path, manifest: IndexManifest) -> np.ndarray:
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise IntegrityError(f"{path}: unreadable ({err}); rebuild the index") from err
+    if vectors.shape != (manifest.count, manifest.dim) or vectors.dtype != np.float32:
+        raise IntegrityError(
+            f"{path}: {vectors.dtype} {vectors.shape}; expected float32 ({manifest.count}, {manifest.dim})"
+        )
+    norms = np.linalg.norm(vectors, axis=1)
+    if not np.all(np.isfinite(vectors)) or np.max(np.abs(norms - 1.0)) > 1e-3:
+        raise IntegrityError(f"{path}: rows must be finite unit vectors; rebuild the index")
+    return vectors
