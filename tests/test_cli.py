@@ -55,7 +55,8 @@ def test_unsupported_file_is_one_line_exit_3(runner: CliRunner, tmp_path: Path) 
     assert result.output.strip().splitlines() == [
         "volumes: 0 from 1 source(s)",
         "unreadable: 1",
-        f"  {bad}: unsupported extension '.txt' (expected .nii, .nii.gz, .npy, .npz or a DICOM series folder)",
+        f"  {bad}: unsupported extension '.txt' "
+        "(expected .nii, .nii.gz, .npy, .npz or a DICOM series folder)",
     ]
 
 

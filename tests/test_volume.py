@@ -229,7 +229,8 @@ def test_dicom_truncated_slice(tmp_path: Path, read_opts: ReadOptions) -> None:
     _series(tmp_path, n=3)
     victim = sorted(tmp_path.iterdir())[1]
     victim.write_bytes(victim.read_bytes()[:300])
-    with pytest.raises(InputError, match=re.escape(f"{victim}: cannot read DICOM: truncated or corrupt file")):
+    expected = f"{victim}: cannot read DICOM: truncated or corrupt file"
+    with pytest.raises(InputError, match=re.escape(expected)):
         read_volumes(tmp_path, read_opts)
 
 

@@ -74,12 +74,18 @@ def inspect(
     if shapes:
         arr = np.asarray(shapes)
         sp = np.asarray(spacings)
-        click.echo(f"shape:   min {tuple(arr.min(0).tolist())}  max {tuple(arr.max(0).tolist())}  "
-                   f"median {tuple(np.median(arr, 0).astype(int).tolist())}")
-        click.echo(f"spacing: min {tuple(np.round(sp.min(0), 3).tolist())} mm  "
-                   f"max {tuple(np.round(sp.max(0), 3).tolist())} mm")
-        click.echo(f"intensity: min {min(lows):g}  max {max(highs):g}  "
-                   f"(per-volume max from {min(highs):g} to {max(highs):g})")
+        click.echo(
+            f"shape:   min {tuple(arr.min(0).tolist())}  max {tuple(arr.max(0).tolist())}  "
+            f"median {tuple(np.median(arr, 0).astype(int).tolist())}"
+        )
+        click.echo(
+            f"spacing: min {tuple(np.round(sp.min(0), 3).tolist())} mm  "
+            f"max {tuple(np.round(sp.max(0), 3).tolist())} mm"
+        )
+        click.echo(
+            f"intensity: min {min(lows):g}  max {max(highs):g}  "
+            f"(per-volume max from {min(highs):g} to {max(highs):g})"
+        )
         click.echo(f"patients: {len(patients)}")
     click.echo(f"unreadable: {len(failures)}")
     for err in failures:
