@@ -78,3 +78,15 @@ def test_inspect_real_hippocampus(runner: CliRunner, hippocampus_dir: Path) -> N
     assert "volumes: 261 from 261 source(s)" in result.output
     assert "shape:   min (31, 40, 24)  max (43, 59, 47)" in result.output
     assert "unreadable: 0" in result.output
+
+
+def test_entry_point_in_fresh_interpreter(tmp_path: Path) -> None:
+    """A real process, not CliRunner: catches imports that only work by accident."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "gate", "info"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "policies: permissive, standard, strict" in proc.stdout

@@ -9,6 +9,7 @@ This package is the only place in gate that prints.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 from typing import Any

@@ -1,0 +1,5 @@
+"""``python -m gate``: the same command line as the ``gate`` script."""
+
+from gate.cli import main
+
+main(prog_name="gate")
