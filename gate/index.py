@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -328,7 +329,8 @@ def build_index(
         The written manifest.
 
     Raises:
-        UsageError: ``out_dir`` exists, no probes, or mismatched lengths.
+        UsageError: ``out_dir`` exists, no probes, mismatched lengths, or a patient id that is
+            not a pseudonym.
         IntegrityError: the self-test failed (nothing is written).
 
     """
@@ -341,6 +343,12 @@ def build_index(
             f"need one patient id and file hash per volume; got {len(probes)} volumes, "
             f"{len(patient_ids)} ids, {len(file_sha256s)} hashes"
         )
+    for pid in patient_ids:
+        if not re.fullmatch(PSEUDONYM_PATTERN, pid):
+            raise UsageError(
+                f"patient id {pid!r} is not a gate pseudonym (p-<16 hex>); the index never stores clear "
+                "ids: read volumes with gate.volume.read_volumes"
+            )
     for p in probes:
         if p.embedding.encoder_sha256 != encoder.sha256:
             raise IntegrityError(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gate.calibration import Calibration
 from gate.digest import sha256_bytes
@@ -129,13 +129,15 @@ class Actions(BaseModel):
     similar: Verdict
     duplicate: Verdict
 
+    @field_validator("duplicate")
+    @classmethod
+    def _duplicates_rejected(cls, v: Verdict) -> Verdict:
+        if v is not Verdict.REJECT:
+            raise ValueError(f"every policy rejects duplicates; found {v.value!r}; allowed values: 'reject'")
+        return v
+
     @model_validator(mode="after")
-    def _safe(self) -> Actions:
-        if self.duplicate is not Verdict.REJECT:
-            raise ValueError(
-                f"duplicate must be reject (every policy rejects copies); found {self.duplicate.value!r}; "
-                "allowed values: reject"
-            )
+    def _monotone(self) -> Actions:
         sev = [VERDICT_SEVERITY[self.different], VERDICT_SEVERITY[self.similar]]
         if sev[0] > sev[1]:
             raise ValueError(

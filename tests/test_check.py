@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import gate.cli.check
+import gate.cli.index
+from gate.cli import main
+from tests.index_helpers import ProjectionEncoder
+from tests.volumes import make_blob, write_nifti
+
+N_TRAIN = 8
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    enc = ProjectionEncoder(dim=16)
+    monkeypatch.setattr(gate.cli.index, "load_encoder", lambda encoder_dir, device: enc)
+    monkeypatch.setattr(gate.cli.check, "load_encoder", lambda encoder_dir, device: enc)
+    return CliRunner()
+
+
+@pytest.fixture
+def train_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "train"
+    d.mkdir()
+    for i in range(N_TRAIN):
+        write_nifti(d / f"case_{i:03d}.nii.gz", make_blob((16, 16, 16), seed=i))
+    return d
+
+
+@pytest.fixture
+def index_dir(runner: CliRunner, train_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "index"
+    result = runner.invoke(main, ["index", "build", "--data", str(train_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"volumes {N_TRAIN}, patients {N_TRAIN}, dim 16" in result.output
+    assert "self-test recall@1 1.0000" in result.output
+    assert "calibration (leave_one_patient_out, 8 patients)" in result.output
+    return out
+
+
+def write_policy(tmp_path: Path, similar: float, duplicate: float) -> Path:
+    path = tmp_path / "loose.yaml"
+    path.write_text(
+        "schema_version: 1\n"
+        "thresholds:\n"
+        f"  similar: {{kind: absolute, value: {similar}}}\n"
+        f"  duplicate: {{kind: absolute, value: {duplicate}}}\n"
+        "actions: {different: pass, similar: flag, duplicate: reject}\n"
+        "k: 2\naggregation: max\nexact_duplicate_check: true\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("policy", ["strict", "standard", "permissive"])
+def test_exact_copies_rejected_under_every_policy(
+    runner: CliRunner, index_dir: Path, train_dir: Path, tmp_path: Path, policy: str
+) -> None:
+    cand = tmp_path / "cand"
+    shutil.copytree(train_dir, cand)
+    report = tmp_path / "r.json"
+    result = runner.invoke(
+        main, ["check", str(cand), "--policy", policy, "--index", str(index_dir), "--json", str(report)]
+    )
+    assert result.exit_code == 1, result.output
+    assert f"checked {N_TRAIN}: 0 pass, 0 flag, {N_TRAIN} reject; 0 unreadable" in result.output
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 1 and data["policy"]["id"] == policy
+    assert all(r["verdict"] == "reject" and r["exact_duplicate"] for r in data["results"])
+    assert all(r["similarity"] == pytest.approx(1.0, abs=1e-5) for r in data["results"])
+
+
+def test_new_volume_passes_and_near_copy_is_caught(
+    runner: CliRunner, index_dir: Path, tmp_path: Path
+) -> None:
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    write_nifti(cand / "new.nii.gz", make_blob((16, 16, 16), seed=100))
+    rng = np.random.default_rng(0)
+    near = make_blob((16, 16, 16), seed=3) + rng.normal(0, 1.0, (16, 16, 16)).astype(np.float32)
+    write_nifti(cand / "near.nii.gz", near)
+    report = tmp_path / "r.json"
+    result = runner.invoke(
+        main,
+        [
+            "check",
+            str(cand),
+            "--policy",
+            str(write_policy(tmp_path, 0.97, 0.99)),
+            "--index",
+            str(index_dir),
+            "--json",
+            str(report),
+        ],
+    )
+    data = {Path(r["source"]).name: r for r in json.loads(report.read_text())["results"]}
+    assert data["near.nii.gz"]["verdict"] == "reject" and not data["near.nii.gz"]["exact_duplicate"]
+    assert data["near.nii.gz"]["similarity"] >= 0.99
+    assert data["new.nii.gz"]["verdict"] == "pass", data["new.nii.gz"]
+    assert result.exit_code == 1 and len(data["near.nii.gz"]["neighbours"]) == 2
+
+
+def test_flag_does_not_fail_unless_asked(runner: CliRunner, index_dir: Path, tmp_path: Path) -> None:
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    write_nifti(cand / "new.nii.gz", make_blob((16, 16, 16), seed=100))
+    policy = str(write_policy(tmp_path, -1.0, 0.99))  # everything at least "similar" -> flag
+    args = ["check", str(cand), "--policy", policy, "--index", str(index_dir)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "checked 1: 0 pass, 1 flag, 0 reject" in result.output and "\nflag    similar" in result.output
+    assert runner.invoke(main, [*args, "--fail-on-flag"]).exit_code == 1
+
+
+def test_unreadable_input_fails_closed(
+    runner: CliRunner, index_dir: Path, train_dir: Path, tmp_path: Path
+) -> None:
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    write_nifti(cand / "new.nii.gz", make_blob((16, 16, 16), seed=100))
+    (cand / "broken.nii.gz").write_bytes(b"not a nifti")
+    report = tmp_path / "r.json"
+    result = runner.invoke(main, ["check", str(cand), "--index", str(index_dir), "--json", str(report)])
+    assert result.exit_code == 3, result.output
+    assert "broken.nii.gz: cannot read NIfTI: truncated or corrupt file" in result.output
+    assert "1 unreadable" in result.output
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 3 and data["summary"]["unreadable"] == 1
+    assert data["errors"][0]["source"].endswith("broken.nii.gz")
+    missing = runner.invoke(main, ["check", str(tmp_path / "nope.nii.gz"), "--index", str(index_dir)])
+    assert missing.exit_code == 3 and "nope.nii.gz: no such file or folder" in missing.output
+
+
+def test_integrity_and_policy_errors(runner: CliRunner, index_dir: Path, train_dir: Path) -> None:
+    bad_policy = runner.invoke(main, ["check", str(train_dir), "--policy", "lax", "--index", str(index_dir)])
+    assert bad_policy.exit_code == 2
+    assert "unknown policy 'lax': expected one of permissive, standard, strict" in bad_policy.output
+    (index_dir / "vectors.npy").write_bytes(b"x")
+    broken = runner.invoke(main, ["check", str(train_dir), "--index", str(index_dir)])
+    assert broken.exit_code == 3
+    assert "vectors.npy: sha256" in broken.output and "does not match the manifest's" in broken.output
+
+
+def test_index_build_refuses_overwrite_and_bad_input(
+    runner: CliRunner, index_dir: Path, train_dir: Path, tmp_path: Path
+) -> None:
+    again = runner.invoke(main, ["index", "build", "--data", str(train_dir), "--out", str(index_dir)])
+    assert again.exit_code == 2 and "already exists; choose a new --out folder" in again.output
+    (train_dir / "broken.nii.gz").write_bytes(b"junk")
+    bad = runner.invoke(main, ["index", "build", "--data", str(train_dir), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 3 and "broken.nii.gz: cannot read NIfTI" in bad.output
+    assert "no index written" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_index_build_with_holdout(runner: CliRunner, train_dir: Path, tmp_path: Path) -> None:
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    for i in range(5):
+        write_nifti(hold / f"h_{i}.nii.gz", make_blob((16, 16, 16), seed=50 + i))
+    out = tmp_path / "idx"
+    result = runner.invoke(
+        main, ["index", "build", "--data", str(train_dir), "--holdout", str(hold), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["method"] == "holdout" and manifest["calibration"]["n_patients"] == 5
+    assert str(tmp_path) not in (out / "manifest.json").read_text()
+    assert "case_000" not in (out / "manifest.json").read_text()
