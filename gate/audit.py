@@ -1,0 +1,400 @@
+"""The tamper-evident audit log: append-only JSON Lines, one hash-chained record per candidate.
+
+Every candidate a run judges (pass, flag, reject) or fails to judge (error) gets one record.
+Each record carries ``seq`` (0, 1, 2, ... over the whole file), ``prev_hash`` (the previous
+record's ``hash``; :data:`GENESIS_HASH` for the first) and its own ``hash`` = sha256 of the
+canonical JSON of every other field. So an edited record fails its own hash; a deleted,
+inserted or reordered record breaks the chain at the next one; a torn last line is not JSON.
+Dropping whole records from the end leaves a valid shorter chain: that is what anchors catch
+(a bundle manifest stores ``head_hash`` and ``head_seq`` at the end of its run, and
+:func:`verify_log` checks the log still holds that record).
+
+Appends take an exclusive ``fcntl.flock`` on the log file, read the current head under the
+lock, write one line, flush and ``fsync`` before unlocking: concurrent runs interleave whole
+records and the chain stays linear. The caller renames a sample into its bundle only after
+:meth:`AuditLog.append` has returned (the record is on disk first).
+
+The log is internal: records hold pseudonymous training patient ids and must never be
+published (bundles store only the head hash).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gate.digest import canonical_json, sha256_json
+from gate.errors import IntegrityError
+from gate.values import Decision, Grade
+
+AUDIT_SCHEMA_VERSION = 1
+"""Version of the record layout; a reader refuses records of another version."""
+
+GENESIS_HASH = "0" * 64
+"""``prev_hash`` of the first record of a log."""
+
+TAIL_CHUNK_BYTES = 1 << 16
+"""Bytes read from the end of the log to find the last record: records are ~1 KiB."""
+
+Outcome = Literal["pass", "flag", "reject", "error"]
+"""What happened to a candidate: the policy's verdict, or ``error`` (could not decide)."""
+
+
+class AuditEntry(BaseModel):
+    """The content of one record, as the caller gives it (the log adds seq and hashes).
+
+    Attributes:
+        schema_version: :data:`AUDIT_SCHEMA_VERSION`.
+        run_id: the run that judged the candidate.
+        time: UTC time of the decision, ISO 8601.
+        sample_id: the candidate's name in the run (becomes the bundle sample id on a pass).
+        seed: the generator seed that produced it, if any.
+        candidate_sha256: :func:`gate.digest.sha256_voxels` of the candidate's voxels.
+        verdict: pass / flag / reject / error.
+        grade: different / similar / duplicate (None on error).
+        nearest_patient_id: pseudonymous id of the closest training patient (None on error).
+        similarity: cosine similarity to that patient, in [-1, 1].
+        threshold: the threshold that decided the grade.
+        similar_threshold: the resolved ``similar`` threshold (for histograms).
+        duplicate_threshold: the resolved ``duplicate`` threshold.
+        exact_duplicate: the voxel-hash check matched a training volume.
+        policy_id: policy name.
+        policy_sha256: sha256 of the policy file.
+        provider: the onnxruntime execution provider that embedded the candidate.
+        encoder_sha256: the encoder's digest.
+        index_sha256: the index file's digest.
+        error: one line saying why no decision was made (verdict ``error`` only).
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = Field(
+        default=AUDIT_SCHEMA_VERSION, ge=AUDIT_SCHEMA_VERSION, le=AUDIT_SCHEMA_VERSION
+    )
+    run_id: str = Field(min_length=1)
+    time: str = Field(min_length=1)
+    sample_id: str | None = None
+    seed: int | None = None
+    candidate_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    verdict: Outcome
+    grade: Grade | None = None
+    nearest_patient_id: str | None = None
+    similarity: float | None = Field(default=None, allow_inf_nan=False)
+    threshold: float | None = Field(default=None, allow_inf_nan=False)
+    similar_threshold: float | None = Field(default=None, allow_inf_nan=False)
+    duplicate_threshold: float | None = Field(default=None, allow_inf_nan=False)
+    exact_duplicate: bool = False
+    policy_id: str
+    policy_sha256: str
+    provider: str
+    encoder_sha256: str | None = None
+    index_sha256: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def for_decision(
+        cls,
+        run_id: str,
+        decision: Decision,
+        candidate_sha256: str,
+        provider: str,
+        *,
+        sample_id: str | None = None,
+        seed: int | None = None,
+        encoder_sha256: str | None = None,
+        index_sha256: str | None = None,
+    ) -> AuditEntry:
+        """Build the entry of a decided candidate (time = now, UTC)."""
+        return cls(
+            run_id=run_id,
+            time=utc_now(),
+            sample_id=sample_id,
+            seed=seed,
+            candidate_sha256=candidate_sha256,
+            verdict=decision.verdict.value,
+            grade=decision.grade,
+            nearest_patient_id=decision.nearest_patient_id,
+            similarity=decision.similarity,
+            threshold=decision.threshold,
+            similar_threshold=decision.details.get("similar_threshold"),
+            duplicate_threshold=decision.details.get("duplicate_threshold"),
+            exact_duplicate=decision.exact_duplicate,
+            policy_id=decision.policy_id,
+            policy_sha256=decision.policy_sha256,
+            provider=provider,
+            encoder_sha256=encoder_sha256,
+            index_sha256=index_sha256,
+        )
+
+    @classmethod
+    def for_error(
+        cls,
+        run_id: str,
+        error: str,
+        policy_id: str,
+        policy_sha256: str,
+        provider: str,
+        *,
+        candidate_sha256: str | None = None,
+        sample_id: str | None = None,
+        seed: int | None = None,
+    ) -> AuditEntry:
+        """Build the entry of a candidate that could not be decided (nothing is exported)."""
+        return cls(
+            run_id=run_id,
+            time=utc_now(),
+            sample_id=sample_id,
+            seed=seed,
+            candidate_sha256=candidate_sha256,
+            verdict="error",
+            policy_id=policy_id,
+            policy_sha256=policy_sha256,
+            provider=provider,
+            error=error.splitlines()[0] if error else "unknown error",
+        )
+
+
+class AuditRecord(AuditEntry):
+    """An entry as stored: with its position and hash chain.
+
+    Attributes:
+        seq: 0-based position in the log.
+        prev_hash: the previous record's ``hash`` (:data:`GENESIS_HASH` for seq 0).
+        hash: sha256 of the canonical JSON of every other field.
+
+    """
+
+    seq: int = Field(ge=0)
+    prev_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    def expected_hash(self) -> str:
+        """Recompute ``hash`` from the other fields."""
+        return record_hash(self.model_dump(mode="json", exclude={"hash"}))
+
+
+def utc_now() -> str:
+    """Return the current UTC time, ISO 8601 with microseconds and ``+00:00``."""
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def record_hash(fields: dict[str, object]) -> str:
+    """sha256 of the canonical JSON of a record's fields (everything but ``hash``)."""
+    return sha256_json(fields)
+
+
+def _seal(entry: AuditEntry, seq: int, prev_hash: str) -> AuditRecord:
+    fields = entry.model_dump(mode="json") | {"seq": seq, "prev_hash": prev_hash}
+    return AuditRecord.model_validate(fields | {"hash": record_hash(fields)})
+
+
+def _last_line(f: int, size: int, path: Path) -> bytes | None:
+    """Return the last complete line of the open file (None when empty); refuses a torn tail."""
+    if size == 0:
+        return None
+    start = max(0, size - TAIL_CHUNK_BYTES)
+    tail = os.pread(f, size - start, start)
+    if not tail.endswith(b"\n"):
+        raise IntegrityError(
+            f"{path}: the last record is truncated (no final newline); run `gate audit verify --log {path}` "
+            "and restore the log before appending"
+        )
+    body = tail[:-1]
+    cut = body.rfind(b"\n")
+    if cut < 0 and start > 0:
+        raise IntegrityError(f"{path}: last record longer than {TAIL_CHUNK_BYTES} bytes; the log is corrupt")
+    return body[cut + 1 :]
+
+
+def _parse(line: bytes, where: str) -> AuditRecord:
+    try:
+        return AuditRecord.model_validate_json(line)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "record"
+        raise IntegrityError(f"{where}: not a valid audit record ({loc}: {first['msg']})") from err
+
+
+class AuditLog:
+    """One audit log file. Appends are locked and durable; reading never locks.
+
+    Attributes:
+        path: the ``.jsonl`` file (created with its folder on first append).
+        appended: hashes of the records this object appended (and fsync'd), in order.
+
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.appended: list[str] = []
+
+    def append(self, entry: AuditEntry) -> str:
+        """Append one record under an exclusive lock and fsync it before returning.
+
+        Args:
+            entry: the record's content.
+
+        Returns:
+            The new record's hash, which is now the log's head.
+
+        Raises:
+            IntegrityError: the current last record is torn or invalid (nothing is appended).
+
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            last = _last_line(fd, size, self.path)
+            if last is None:
+                seq, prev = 0, GENESIS_HASH
+            else:
+                head = _parse(last, f"{self.path} (last record)")
+                seq, prev = head.seq + 1, head.hash
+            record = _seal(entry, seq, prev)
+            os.write(fd, (canonical_json(record.model_dump(mode="json")) + "\n").encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # closing releases the lock
+        self.appended.append(record.hash)
+        return record.hash
+
+    def head(self) -> str:
+        """Return the last record's hash (:data:`GENESIS_HASH` for an empty or missing log).
+
+        Raises:
+            IntegrityError: the last record is torn or invalid.
+
+        """
+        return self.head_position()[0]
+
+    def head_position(self) -> tuple[str, int]:
+        """Return the last record's hash and seq; ``(GENESIS_HASH, -1)`` for an empty or missing log.
+
+        Raises:
+            IntegrityError: the last record is torn or invalid.
+
+        """
+        if not self.path.exists():
+            return GENESIS_HASH, -1
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            last = _last_line(fd, os.fstat(fd).st_size, self.path)
+        finally:
+            os.close(fd)
+        if last is None:
+            return GENESIS_HASH, -1
+        record = _parse(last, f"{self.path} (last record)")
+        return record.hash, record.seq
+
+    def records(self) -> Iterator[AuditRecord]:
+        """Every record, in order, parsed but not chain-checked (see :func:`verify_log`).
+
+        Raises:
+            IntegrityError: a line that is not a valid record.
+
+        """
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            for n, line in enumerate(f, start=1):
+                yield _parse(line.rstrip(b"\n"), f"{self.path}:{n}")
+
+
+@dataclass
+class LogReport:
+    """What :func:`verify_log` found.
+
+    Attributes:
+        path: the log.
+        records: records read (valid JSON records, chained or not).
+        head_hash: hash of the last valid record (:data:`GENESIS_HASH` when none).
+        head_seq: its seq (-1 when none).
+        problems: one line per problem, ``<path>:<line>: <what>``; empty when the log verifies.
+
+    """
+
+    path: Path
+    records: int = 0
+    head_hash: str = GENESIS_HASH
+    head_seq: int = -1
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+
+def verify_log(path: Path, anchors: list[tuple[str, int]] | None = None) -> LogReport:
+    """Check every record's hash, the chain, the sequence, and optional anchors.
+
+    Args:
+        path: the log file.
+        anchors: ``(head_hash, head_seq)`` pairs recorded elsewhere (bundle manifests); each
+            must be the hash of the record at that seq, or records were truncated or rewritten.
+
+    Returns:
+        The report; ``problems`` names every line that is edited (hash mismatch), out of
+        chain (deleted, inserted or reordered), out of sequence, torn or unparsable, and
+        every anchor the log no longer holds.
+
+    """
+    report = LogReport(path=Path(path))
+    if not report.path.is_file():
+        report.problems.append(f"{path}: audit log not found")
+        return report
+    raw = report.path.read_bytes()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:
+        report.problems.append(
+            f"{path}:{len(lines)}: last record is truncated (no final newline; a torn write or a cut file)"
+        )
+    by_seq: dict[int, str] = {}
+    prev_hash, expected_seq = GENESIS_HASH, 0
+    for n, line in enumerate(lines, start=1):
+        where = f"{path}:{n}"
+        try:
+            data = json.loads(line)
+            record = AuditRecord.model_validate(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as err:
+            report.problems.append(
+                f"{where}: not a valid audit record ({type(err).__name__}); edited or torn"
+            )
+            continue
+        report.records += 1
+        if record.expected_hash() != record.hash:
+            report.problems.append(
+                f"{where}: record hash mismatch: seq {record.seq} was edited after writing"
+            )
+        if record.prev_hash != prev_hash:
+            report.problems.append(
+                f"{where}: chain broken: prev_hash does not match the previous record's hash "
+                "(a record was deleted, inserted or reordered before this line)"
+            )
+        if record.seq != expected_seq:
+            report.problems.append(
+                f"{where}: seq {record.seq} where {expected_seq} was expected (records deleted or reordered)"
+            )
+        by_seq[record.seq] = record.hash
+        prev_hash, expected_seq = record.hash, record.seq + 1
+        report.head_hash, report.head_seq = record.hash, record.seq
+    for anchor_hash, anchor_seq in anchors or []:
+        if by_seq.get(anchor_seq) != anchor_hash:
+            report.problems.append(
+                f"{path}: anchor seq {anchor_seq} ({anchor_hash[:12]}…) is not in the log: records were "
+                "truncated from the end or rewritten after the bundle was made"
+            )
+    return report
