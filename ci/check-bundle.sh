@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Publication check of a gate export bundle, for any CI system (drop this file into your repo).
+#
+# Usage:
+#   check-bundle.sh BUNDLE_DIR [--index DIR] [--policy NAME|FILE] [--encoder DIR]
+#                   [--audit-log FILE | --no-audit] [--out DIR]
+#
+# Runs `gate verify-bundle`: manifest checksums, no unlisted file, every sample re-embedded and
+# re-decided under the policy (at least as strict as the bundle's), audit-log anchors. Writes
+# OUT/report.json and OUT/junit.xml (one test case per check and per sample; default OUT:
+# ./gate-publication-check) and prints every failure reason.
+#
+# Environment:
+#   GATE            command that runs gate (default: gate); may include arguments
+#   GATE_AUDIT_LOG  the internal audit log, when --audit-log is not given
+#
+# Exit status is gate's: 0 publishable, 1 a sample does not pass the policy, 2 usage error
+# (e.g. a policy looser than the bundle's), 3 integrity failure (checksum, unlisted file,
+# audit log), 4 internal error. Anything but 0 must block publication.
+set -euo pipefail
+
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+[ $# -ge 1 ] || usage
+case "$1" in -h|--help) usage ;; esac
+bundle=$1; shift
+out=gate-publication-check
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) [ $# -ge 2 ] || usage; out=$2; shift 2 ;;
+    --index|--policy|--encoder|--audit-log) [ $# -ge 2 ] || usage; args+=("$1" "$2"); shift 2 ;;
+    --no-audit) args+=("$1"); shift ;;
+    *) echo "check-bundle: unknown option $1" >&2; usage ;;
+  esac
+done
+
+read -r -a gate <<< "${GATE:-gate}"
+mkdir -p "$out"
+status=0
+"${gate[@]}" verify-bundle "$bundle" "${args[@]}" --json "$out/report.json" --junit "$out/junit.xml" || status=$?
+
+if [ "$status" -eq 0 ]; then
+  echo "check-bundle: PASS $bundle (report: $out/report.json, $out/junit.xml)"
+else
+  echo "check-bundle: FAIL $bundle (exit $status; report: $out/report.json, $out/junit.xml)" >&2
+fi
+exit "$status"
