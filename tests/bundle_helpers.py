@@ -1,0 +1,147 @@
+"""Helpers for the export / audit / bundle / publication tests: a tiny training set, its index,
+and a miniature generate pipeline that gates candidates into a bundle.
+
+The encoder is :class:`tests.index_helpers.ProjectionEncoder` (numpy, 16-d, 8^3 grid), so
+nothing here needs the ONNX encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from gate.audit import AuditEntry, AuditLog
+from gate.bundle import BundleWriter, Provenance
+from gate.calibration import leave_one_patient_out
+from gate.cli.index import source_sha256
+from gate.decide import decide
+from gate.digest import sha256_voxels
+from gate.identity import Pseudonymizer
+from gate.index import TrainingIndex, build_index, embed_volumes
+from gate.policy import LoadedPolicy, load_policy
+from gate.values import Verdict, Volume
+from gate.volume import ReadOptions, read_volumes
+from tests.conftest import TEST_KEY
+from tests.index_helpers import ProjectionEncoder
+from tests.volumes import make_blob, write_nifti
+
+N_TRAIN = 8
+SHAPE = (16, 16, 16)
+RUN_ID = "run-0001"
+PROVIDER = "CPUExecutionProvider"
+GENERATOR_SHA = "9" * 64
+
+
+def release_policy_text(
+    similar: float = 0.97, duplicate: float = 0.99, similar_action: str = "reject"
+) -> str:
+    return (
+        "schema_version: 1\n"
+        "thresholds:\n"
+        f"  similar: {{kind: absolute, value: {similar}}}\n"
+        f"  duplicate: {{kind: absolute, value: {duplicate}}}\n"
+        f"actions: {{different: pass, similar: {similar_action}, duplicate: reject}}\n"
+        "k: 2\naggregation: max\nexact_duplicate_check: true\n"
+    )
+
+
+def write_policy(folder: Path, name: str, text: str) -> LoadedPolicy:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return load_policy(str(path))
+
+
+@dataclasses.dataclass
+class Training:
+    data_dir: Path
+    index_dir: Path
+    encoder: ProjectionEncoder
+    index: TrainingIndex
+    volumes: list[Volume]
+    file_sha256s: list[str]
+
+
+def read_opts() -> ReadOptions:
+    return ReadOptions(pseudonymizer=Pseudonymizer(key=TEST_KEY))
+
+
+def make_training(root: Path) -> Training:
+    data = root / "train"
+    data.mkdir(parents=True)
+    paths = [write_nifti(data / f"case_{i:03d}.nii.gz", make_blob(SHAPE, seed=i)) for i in range(N_TRAIN)]
+    volumes = [read_volumes(p, read_opts())[0] for p in paths]
+    shas = [source_sha256(p) for p in paths]
+    encoder = ProjectionEncoder(dim=16)
+    probes = embed_volumes(volumes, encoder)
+    ids = [v.patient_id for v in volumes]
+    vectors = np.stack([p.embedding.vector for p in probes])
+    out = root / "index"
+    build_index(probes, ids, shas, encoder, out, leave_one_patient_out(vectors, ids, 0))
+    return Training(data, out, encoder, TrainingIndex.load(out, encoder), volumes, shas)
+
+
+def candidate(seed: int) -> Volume:
+    return Volume(
+        data=make_blob(SHAPE, seed=seed),
+        affine=np.eye(4),
+        spacing=(1.0, 1.0, 1.0),
+        source=f"generated:seed={seed}",
+        patient_id="p-ffffffffffffffff",
+    )
+
+
+def run_pipeline(
+    training: Training,
+    policy: LoadedPolicy,
+    out_dir: Path,
+    log_path: Path,
+    candidates: list[tuple[str, int, Volume]],
+    formats: tuple[str, ...] = ("nifti",),
+    forge_pass: bool = False,
+    run_id: str = RUN_ID,
+) -> tuple[Path, dict[str, Verdict]]:
+    """Gate candidates into a bundle like the generate pipeline: audit first, then export.
+
+    ``forge_pass`` simulates a broken pipeline that exports whatever it decided (its audit
+    record says pass): the publication check must still catch a copy.
+    """
+    audit = AuditLog(log_path)
+    provenance = Provenance(
+        generator_name="test generator",
+        generator_sha256=GENERATOR_SHA,
+        encoder_sha256=training.encoder.sha256,
+        index_sha256=training.index.sha256,
+        provider=PROVIDER,
+        policy=policy,
+        formats=formats,
+    )
+    verdicts = {}
+    with BundleWriter(out_dir, run_id, provenance, audit) as bundle:
+        probes = embed_volumes([v for _, _, v in candidates], training.encoder)
+        found = training.index.search_many(
+            [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
+        )
+        for (sample_id, seed, vol), neighbours in zip(candidates, found, strict=True):
+            decision = decide(neighbours, policy, training.index.calibration)
+            if forge_pass:
+                decision = dataclasses.replace(decision, verdict=Verdict.PASS)
+            verdicts[sample_id] = decision.verdict
+            h = audit.append(
+                AuditEntry.for_decision(
+                    run_id,
+                    decision,
+                    sha256_voxels(vol.data),
+                    PROVIDER,
+                    sample_id=sample_id,
+                    seed=seed,
+                    encoder_sha256=training.encoder.sha256,
+                    index_sha256=training.index.sha256,
+                )
+            )
+            if decision.passed:
+                bundle.add(vol, decision, sample_id, seed, h)
+        path = bundle.finish()
+    return path, verdicts
