@@ -238,11 +238,8 @@ def _html(run_id: str, records: Sequence[AuditRecord], rejected: list[tuple[Audi
         f"<p>Policy: {esc(', '.join(policies))}. onnxruntime provider: {esc(', '.join(providers))}. "
         f"Records: {len(records)} (seq {records[0].seq}–{records[-1].seq}), "
         f"{esc(records[0].time)} to {esc(records[-1].time)}.</p>",
-        "<h2>Verdicts</h2><table><tr>",
-        *[f"<th>{v}</th>" for v in counts],
-        "</tr><tr>",
-        *[f"<td>{n}</td>" for n in counts.values()],
-        "</tr></table>",
+        "<h2>Verdicts</h2><table><tr>" + "".join(f"<th>{v}</th>" for v in counts) + "</tr>",
+        "<tr>" + "".join(f"<td>{n}</td>" for n in counts.values()) + "</tr></table>",
         "<h2>Nearest-patient similarity</h2>",
         "<p>Cosine similarity of each candidate to its nearest training patient, stacked by verdict "
         "(green pass, amber flag, red reject); dashed lines are the policy's thresholds.</p>",
