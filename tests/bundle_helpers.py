@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -145,3 +146,35 @@ def run_pipeline(
                 bundle.add(vol, decision, sample_id, seed, h)
         path = bundle.finish()
     return path, verdicts
+
+
+def build_world(root: Path) -> dict[str, Any]:
+    """A training set and index, a good bundle with its log, and a forged bundle holding a copy.
+
+    The forged bundle comes from a pipeline that exports whatever it decides (its audit records
+    say pass): sample ``s-copy`` is training volume 4, which only re-deciding can catch.
+    """
+    training = make_training(root)
+    policy = write_policy(root / "pol", "release", release_policy_text())
+    write_policy(
+        root / "pol", "loose", release_policy_text(similar=0.99, duplicate=0.995, similar_action="flag")
+    )
+    cands = [(f"s-{i:03d}", 100 + i, candidate(100 + i)) for i in range(2)]
+    good, _ = run_pipeline(training, policy, root / "good", root / "audit.jsonl", cands, ("nifti", "dicom"))
+    copy = [*cands, ("s-copy", 5, training.volumes[4])]
+    forged, verdicts = run_pipeline(
+        training, policy, root / "forged", root / "forged.jsonl", copy, forge_pass=True
+    )
+    assert all(v == "pass" for v in verdicts.values())
+    return {
+        "training": training,
+        "root": root,
+        "good": good,
+        "log": root / "audit.jsonl",
+        "forged": forged,
+        "forged_log": root / "forged.jsonl",
+        "index": training.index_dir,
+        "release": root / "pol" / "release.yaml",
+        "loose": root / "pol" / "loose.yaml",
+        "train": training.data_dir,
+    }

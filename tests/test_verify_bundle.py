@@ -13,43 +13,12 @@ from click.testing import CliRunner, Result
 
 import gate.cli.audit
 from gate.cli import main
-from tests.bundle_helpers import (
-    Training,
-    candidate,
-    make_training,
-    release_policy_text,
-    run_pipeline,
-    write_policy,
-)
+from tests.bundle_helpers import Training, build_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("verify")
-    training = make_training(root)
-    policy = write_policy(root / "pol", "release", release_policy_text())
-    write_policy(
-        root / "pol", "loose", release_policy_text(similar=0.99, duplicate=0.995, similar_action="flag")
-    )
-    cands = [(f"s-{i:03d}", 100 + i, candidate(100 + i)) for i in range(2)]
-    good, _ = run_pipeline(training, policy, root / "good", root / "audit.jsonl", cands, ("nifti", "dicom"))
-    copy = [*cands, ("s-copy", 5, training.volumes[4])]
-    forged, verdicts = run_pipeline(
-        training, policy, root / "forged", root / "forged.jsonl", copy, forge_pass=True
-    )
-    assert all(v == "pass" for v in verdicts.values())
-    return {
-        "training": training,
-        "root": root,
-        "good": good,
-        "log": root / "audit.jsonl",
-        "forged": forged,
-        "forged_log": root / "forged.jsonl",
-        "index": training.index_dir,
-        "release": root / "pol" / "release.yaml",
-        "loose": root / "pol" / "loose.yaml",
-        "train": training.data_dir,
-    }
+    return build_world(tmp_path_factory.mktemp("verify"))
 
 
 @pytest.fixture
