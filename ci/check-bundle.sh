@@ -19,10 +19,10 @@
 # audit log), 4 internal error. Anything but 0 must block publication.
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 
 [ $# -ge 1 ] || usage
-case "$1" in -h|--help) usage ;; esac
+case "$1" in -h|--help) usage 0 ;; esac
 bundle=$1; shift
 out=gate-publication-check
 args=()
