@@ -182,3 +182,21 @@ def test_build_series_validates_each_slice() -> None:
     series = build_series(volume(), decision(), "s-001")
     assert [int(ds.InstanceNumber) for ds in series] == list(range(1, 9))
     assert all(len(ds.PixelData) == 16 * 12 * 2 for ds in series)
+
+
+@pytest.mark.realdata
+def test_real_volume_exports_and_round_trips(
+    hippocampus_dir: Path, read_opts: object, tmp_path: Path
+) -> None:
+    from gate.volume import read_volumes
+
+    vol = read_volumes(hippocampus_dir / "hippocampus_003.nii.gz", read_opts)[0]  # type: ignore[arg-type]
+    (nii,) = NiftiExporter().write(vol, decision(), "real", tmp_path)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(nii).dataobj), vol.data)
+    files = DicomExporter().write(vol, decision(), "real", tmp_path)
+    data, affine, _ = read_dicom_series(tmp_path / "real_dicom")
+    slope = float(pydicom.dcmread(files[0]).RescaleSlope)
+    assert np.max(np.abs(data - vol.data)) <= slope / 2 + 1e-3
+    np.testing.assert_allclose(affine, vol.affine, atol=1e-4)
+    if shutil.which("dciodvfy"):
+        assert unexplained(dciodvfy_findings(files[len(files) // 2])) == []
