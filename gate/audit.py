@@ -215,6 +215,19 @@ def _last_line(f: int, size: int, path: Path) -> bytes | None:
     return body[cut + 1 :]
 
 
+def read_locked(path: Path) -> bytes:
+    """Read the whole log under a shared lock, so a concurrent append is never seen half-done."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        chunks = []
+        while chunk := os.read(fd, TAIL_CHUNK_BYTES):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def _parse(line: bytes, where: str) -> AuditRecord:
     try:
         return AuditRecord.model_validate_json(line)
@@ -289,6 +302,7 @@ class AuditLog:
             return GENESIS_HASH, -1
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # no half-written record from a concurrent append
             last = _last_line(fd, os.fstat(fd).st_size, self.path)
         finally:
             os.close(fd)
@@ -306,9 +320,8 @@ class AuditLog:
         """
         if not self.path.exists():
             return
-        with open(self.path, "rb") as f:
-            for n, line in enumerate(f, start=1):
-                yield _parse(line.rstrip(b"\n"), f"{self.path}:{n}")
+        for n, line in enumerate(read_locked(self.path).splitlines(), start=1):
+            yield _parse(line, f"{self.path}:{n}")
 
 
 @dataclass
@@ -354,7 +367,7 @@ def verify_log(path: Path, anchors: list[tuple[str, int]] | None = None) -> LogR
     if not report.path.is_file():
         report.problems.append(f"{path}: audit log not found")
         return report
-    raw = report.path.read_bytes()
+    raw = read_locked(report.path)
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
