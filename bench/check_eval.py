@@ -68,14 +68,58 @@ def write_like(src: Path, data: np.ndarray, dst: Path) -> None:
 def gate_check(
     gate_bin: Path, cand: Path, policy: str, index: Path, encoder: Path, report: Path, env: dict[str, str]
 ) -> dict:
-    cmd = [str(gate_bin), "check", str(cand), "--policy", policy, "--index", str(index)]
-    cmd += ["--encoder", str(encoder), "--device", "cpu", "--json", str(report)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"gate check failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    args = ["check", str(cand), "--policy", policy, "--index", str(index)]
+    args += ["--encoder", str(encoder), "--device", "cpu", "--json", str(report)]
+    code, _, err = run_gate(gate_bin, args, env)
+    if code not in (0, 1):
+        raise SystemExit(f"gate check failed ({code}): {err[-2000:]}")
     data = json.loads(report.read_text())
-    data["returncode"] = proc.returncode
+    data["returncode"] = code
     return data
+
+
+PROXY: list[object] = []
+"""Set by --proxy-voxel-encoder: the in-process stand-in encoder (then gate runs in-process)."""
+
+
+class VoxelEncoder:
+    """Proxy encoder: the preprocessed grid average-pooled 4x4x4, centred, unit norm.
+
+    The cosine of two such vectors is the Pearson correlation of the pooled volumes: the
+    pixel-space baseline. Used only when no ONNX encoder is available.
+    """
+
+    def __init__(self) -> None:
+        from gate.preprocess import PreprocessConfig
+
+        self.preprocess = PreprocessConfig()
+        x, y, z = self.preprocess.grid
+        self.dim = (x // 4) * (y // 4) * (z // 4)
+        self.sha256 = "0" * 63 + "1"
+        self.provider = "numpy"
+
+    def embed_array(self, batch: np.ndarray) -> np.ndarray:
+        n, _, x, y, z = batch.shape
+        pooled = batch.reshape(n, x // 4, 4, y // 4, 4, z // 4, 4).mean(axis=(2, 4, 6)).reshape(n, -1)
+        pooled = pooled - pooled.mean(axis=1, keepdims=True)
+        return (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float32)
+
+
+def run_gate(gate_bin: Path, args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Run the gate command: a subprocess, or in-process with the proxy encoder patched in."""
+    if not PROXY:
+        proc = subprocess.run([str(gate_bin), *args], capture_output=True, text=True, env=env, check=False)
+        return proc.returncode, proc.stdout, proc.stderr
+    from click.testing import CliRunner
+
+    import gate.cli.check
+    import gate.cli.index
+    from gate.cli import main as gate_main
+
+    gate.cli.index.load_encoder = lambda encoder_dir, device: PROXY[0]
+    gate.cli.check.load_encoder = lambda encoder_dir, device: PROXY[0]
+    result = CliRunner().invoke(gate_main, args, env=env)
+    return result.exit_code, result.output, result.output
 
 
 def main() -> None:
@@ -85,7 +129,10 @@ def main() -> None:
     ap.add_argument("--train-fraction", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="use only this many volumes (smoke test)")
+    ap.add_argument("--proxy-voxel-encoder", action="store_true", help="no ONNX encoder: pooled voxels")
     args = ap.parse_args()
+    if args.proxy_voxel_encoder:
+        PROXY.append(VoxelEncoder())
     gate_bin = Path(sys.executable).parent / "gate"
     files = sorted(DATA.glob("*.nii.gz"))
     if args.limit:
@@ -109,14 +156,13 @@ def main() -> None:
             write_like(f, fn(data.astype(np.float64), rng), sets[name] / f.name)
     for f in held:
         (sets["holdout"] / f.name).symlink_to(f)
-    build = subprocess.run(
-        [str(gate_bin), "index", "build", "--data", str(out / "train"), "--encoder", str(args.encoder),
-         "--device", "cpu", "--out", str(out / "index")],
-        capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
-    print(build.stdout, build.stderr, flush=True)
-    if build.returncode != 0:
-        raise SystemExit(build.returncode)
+    build_args = ["index", "build", "--data", str(out / "train"), "--encoder", str(args.encoder)]
+    code, stdout, stderr = run_gate(
+        gate_bin, [*build_args, "--device", "cpu", "--out", str(out / "index")], env
+    )
+    print(stdout, stderr, flush=True)
+    if code != 0:
+        raise SystemExit(code)
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for policy in POLICIES:
         summary[policy] = {}
@@ -142,7 +188,7 @@ def main() -> None:
         "train": len(train),
         "holdout": len(held),
         "seed": args.seed,
-        "encoder": str(args.encoder),
+        "encoder": "proxy-voxel" if PROXY else str(args.encoder),
         "calibration_percentiles": {p: float(np.percentile(cal, p)) for p in (1, 5, 25, 50, 75, 90, 95, 99)},
         "policies": summary,
     }
