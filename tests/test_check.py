@@ -173,3 +173,66 @@ def test_index_build_with_holdout(runner: CliRunner, train_dir: Path, tmp_path: 
     assert manifest["calibration"]["method"] == "holdout" and manifest["calibration"]["n_patients"] == 5
     assert str(tmp_path) not in (out / "manifest.json").read_text()
     assert "case_000" not in (out / "manifest.json").read_text()
+
+
+def export_tiny_onnx_encoder(out: Path, seed: int) -> Path:
+    """A real (untrained) ONNX encoder on an 8^3 grid, with the manifest gate.embed reads."""
+    torch = pytest.importorskip("torch")
+    from gate.digest import sha256_file
+    from gate.embed import EncoderManifest
+    from gate.preprocess import PreprocessConfig
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4 * 4, 16),
+    ).eval()
+    out.mkdir(parents=True)
+    onnx_path = out / "encoder.onnx"
+    torch.onnx.export(
+        net, (torch.rand(2, 1, 8, 8, 8),), str(onnx_path), input_names=["volume"], output_names=["embedding"],
+        dynamic_axes={"volume": {0: "n"}, "embedding": {0: "n"}}, dynamo=False,
+    )  # fmt: skip
+    cfg = PreprocessConfig(grid=(8, 8, 8))
+    manifest = EncoderManifest(
+        onnx_sha256=sha256_file(onnx_path),
+        dim=16,
+        objective="untrained",
+        preprocess=cfg,
+        preprocess_digest=cfg.digest,
+    )
+    (out / "encoder.json").write_text(manifest.model_dump_json())
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_encoders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("encoders")
+    return export_tiny_onnx_encoder(root / "a", 0), export_tiny_onnx_encoder(root / "b", 1)
+
+
+def test_real_onnx_encoder_end_to_end(
+    onnx_encoders: tuple[Path, Path], train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    runner = CliRunner()
+    enc, other = onnx_encoders
+    out = tmp_path / "idx"
+    built = runner.invoke(
+        main, ["index", "build", "--data", str(train_dir), "--encoder", str(enc), "--out", str(out)]
+    )
+    assert built.exit_code == 0, built.output
+    args = ["check", str(train_dir / "case_002.nii.gz"), "--index", str(out), "--policy", "permissive"]
+    result = runner.invoke(main, [*args, "--encoder", str(enc)])
+    assert result.exit_code == 1, result.output
+    assert "\nreject  duplicate     1.0000" in result.output and " yes " in result.output
+    wrong = runner.invoke(main, [*args, "--encoder", str(other)])
+    assert wrong.exit_code == 3 and "idx: built with encoder" in wrong.output
+    assert "pass the matching --encoder or rebuild with `gate index build`" in wrong.output
+    tampered = tmp_path / "tampered"
+    shutil.copytree(enc, tampered)
+    (tampered / "encoder.onnx").write_bytes((enc / "encoder.onnx").read_bytes() + b"\0")
+    broken = runner.invoke(main, [*args, "--encoder", str(tampered)])
+    assert broken.exit_code == 3 and "encoder.onnx: sha256" in broken.output
