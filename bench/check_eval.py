@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/check_eval"))
     ap.add_argument("--train-fraction", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--split", type=Path, default=None, help="folder with train/ and holdout/ (overrides seed)"
+    )
     ap.add_argument("--limit", type=int, default=0, help="use only this many volumes (smoke test)")
     ap.add_argument("--proxy-voxel-encoder", action="store_true", help="no ONNX encoder: pooled voxels")
     args = ap.parse_args()
@@ -138,9 +141,13 @@ def main() -> None:
     if args.limit:
         files = files[: args.limit]
     rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(files))
-    n_train = round(args.train_fraction * len(files))
-    train, held = [files[i] for i in order[:n_train]], [files[i] for i in order[n_train:]]
+    if args.split is not None:  # the encoder benchmark's split: its holdout is unseen by its encoder
+        train = sorted(p.resolve() for p in (args.split / "train").glob("*.nii.gz"))
+        held = sorted(p.resolve() for p in (args.split / "holdout").glob("*.nii.gz"))
+    else:
+        order = rng.permutation(len(files))
+        n_train = round(args.train_fraction * len(files))
+        train, held = [files[i] for i in order[:n_train]], [files[i] for i in order[n_train:]]
     out = args.out
     out.mkdir(parents=True, exist_ok=False)
     env = dict(os.environ, GATE_ID_KEY_FILE=str(out / "pseudonym.key"))
@@ -188,6 +195,7 @@ def main() -> None:
         "train": len(train),
         "holdout": len(held),
         "seed": args.seed,
+        "split": str(args.split) if args.split else "seeded",
         "encoder": "proxy-voxel" if PROXY else str(args.encoder),
         "calibration_percentiles": {p: float(np.percentile(cal, p)) for p in (1, 5, 25, 50, 75, 90, 95, 99)},
         "policies": summary,
