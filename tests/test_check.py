@@ -236,3 +236,26 @@ def test_real_onnx_encoder_end_to_end(
     (tampered / "encoder.onnx").write_bytes((enc / "encoder.onnx").read_bytes() + b"\0")
     broken = runner.invoke(main, [*args, "--encoder", str(tampered)])
     assert broken.exit_code == 3 and "encoder.onnx: sha256" in broken.output
+
+
+@pytest.mark.realdata
+def test_shipped_index_rejects_real_training_copies(
+    hippocampus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gate.embed import DEFAULT_ENCODER_DIR
+    from gate.index import DEFAULT_INDEX_DIR
+
+    if (
+        not (DEFAULT_INDEX_DIR / "manifest.json").is_file()
+        or not (DEFAULT_ENCODER_DIR / "encoder.json").is_file()
+    ):
+        pytest.skip("no shipped encoder / index in gate/models")
+    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    for name in ("hippocampus_001.nii.gz", "hippocampus_150.nii.gz"):
+        shutil.copy(hippocampus_dir / name, cand / f"copy_of_{name}")
+    for policy in ("strict", "standard", "permissive"):
+        result = CliRunner().invoke(main, ["check", str(cand), "--policy", policy, "--device", "cpu"])
+        assert result.exit_code == 1, result.output
+        assert "checked 2: 0 pass, 0 flag, 2 reject; 0 unreadable" in result.output
