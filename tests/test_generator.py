@@ -201,3 +201,23 @@ def test_cuda_refused_when_unavailable(tiny_model: Path) -> None:
         pytest.skip("a CUDA device is present")
     with pytest.raises(UsageError, match=r"^--device cuda: no CUDA device visible to torch"):
         Generator(tiny_model, device="cuda")
+
+
+def test_autoencoder_checkpoint_reused_when_only_unet_fields_change(tmp_path: Path) -> None:
+    data = blob_data(4)
+    first = tiny_config()
+    train(data, first, tmp_path / "a")
+    second = tiny_config(unet_epochs=2, ddim_steps=1)
+    assert second.autoencoder_digest == first.autoencoder_digest and second.digest != first.digest
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    ckpt = "checkpoints/autoencoder.npz"
+    (tmp_path / "b" / ckpt).write_bytes((tmp_path / "a" / ckpt).read_bytes())
+    steps: list[StepReport] = []
+    manifest = train(data, second, tmp_path / "b", on_step=steps.append)
+    assert {s.stage for s in steps} == {"unet"} and manifest.unet.epochs_done == 2
+    a, _ = load_npz(tmp_path / "a" / "weights.npz")
+    b, _ = load_npz(tmp_path / "b" / "weights.npz")
+    for key in (k for k in a if k.startswith("autoencoder/")):
+        np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(UsageError, match=r"holds a run with a different config \(autoencoder.npz: "):
+        train(data, tiny_config(ae_lr=1e-3), tmp_path / "b")

@@ -161,6 +161,37 @@ class LDMConfig(BaseModel):
         """sha256 of the canonical JSON of this config."""
         return sha256_json(self.model_dump(mode="json"))
 
+    @cached_property
+    def autoencoder_digest(self) -> str:
+        """sha256 of the fields that shape stage 1 only (see :data:`AUTOENCODER_FIELDS`).
+
+        An autoencoder checkpoint is reused when only UNet-stage fields (UNet size, epochs,
+        schedule, DDIM steps) change, so a longer or shorter UNet run needs no new autoencoder.
+        """
+        return sha256_json(self.model_dump(mode="json", include=set(AUTOENCODER_FIELDS)))
+
+
+AUTOENCODER_FIELDS: tuple[str, ...] = (
+    "preprocess",
+    "seed",
+    "ae_channels",
+    "ae_res_blocks",
+    "latent_channels",
+    "norm_num_groups",
+    "disc_channels",
+    "disc_layers",
+    "ae_epochs",
+    "ae_batch_size",
+    "ae_lr",
+    "kl_weight",
+    "adv_weight",
+    "adv_start_epoch",
+    "duplicate_factor",
+    "train_subset",
+)
+"""Config fields that determine the trained autoencoder (and so its checkpoint's validity).
+``norm_num_groups`` is shared with the UNet, so changing it retrains both."""
+
 
 def config_from_dict(data: dict[str, object], source: str) -> LDMConfig:
     """Validate a config mapping, turning pydantic errors into one-line usage errors.

@@ -214,15 +214,19 @@ class _Log:
 
 
 def _check_out_dir(out_dir: Path, config: LDMConfig) -> None:
+    """Refuse checkpoints of another config: the autoencoder's by its stage digest, the UNet's by all."""
     ckpt = out_dir / CHECKPOINT_DIR
-    for name in ("autoencoder.npz", "unet.npz"):
+    for name, key, expected in (
+        ("autoencoder.npz", "ae_config_sha256", config.autoencoder_digest),
+        ("unet.npz", "config_sha256", config.digest),
+    ):
         path = ckpt / name
         if path.exists():
             _, meta = load_npz(path)
-            if meta.get("config_sha256") != config.digest:
+            if meta.get(key) != expected:
                 raise UsageError(
-                    f"{out_dir}: holds a run with a different config ({str(meta.get('config_sha256'))[:12]} "
-                    f"!= {config.digest[:12]}); use a new --out or the same options to resume"
+                    f"{out_dir}: holds a run with a different config ({name}: {str(meta.get(key))[:12]} "
+                    f"!= {expected[:12]}); use a new --out or the same options to resume"
                 )
 
 
@@ -352,7 +356,7 @@ def _train_autoencoder(
                 **d_arrays,
             },
             {
-                "config_sha256": config.digest,
+                "ae_config_sha256": config.autoencoder_digest,
                 "summary": summary.model_dump(mode="json"),
                 "opt_g": g_groups,
                 "opt_d": d_groups,
