@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--extra", default="", help="More gate generate options, one string.")
     parser.add_argument("--out", type=Path, default=Path("runs/generate_e2e.jsonl"))
+    parser.add_argument("--summary", type=Path, default=None, help="Keep the run's JSON summary here.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gate-e2e-") as tmp:
         summary_path = Path(tmp) / "summary.json"
@@ -55,6 +56,9 @@ def main() -> None:
             print(proc.stderr, file=sys.stderr)
             raise SystemExit(proc.returncode)
         summary = json.loads(summary_path.read_text())
+        if args.summary is not None:
+            args.summary.parent.mkdir(parents=True, exist_ok=True)
+            args.summary.write_text(summary_path.read_text())
     row = {
         "n": args.n,
         "policy": args.policy,
