@@ -126,7 +126,9 @@ def test_out_of_range_values(tmp_path: Path) -> None:
         match=r"thresholds.duplicate: an absolute threshold is a cosine "
         r"similarity; found 1.5; allowed values: -1 <= value <= 1$",
     ):
-        load_policy(str(write_policy(tmp_path, "b", **{"thresholds.duplicate.value": 1.5})))
+        load_policy(
+            str(write_policy(tmp_path, "b", **{"thresholds.duplicate": {"kind": "absolute", "value": 1.5}}))
+        )
     with pytest.raises(
         PolicyError,
         match=r"thresholds.similar: a percentile threshold .* found 101.0; "
@@ -154,11 +156,11 @@ def test_actions_monotone_and_thresholds_ordered(tmp_path: Path) -> None:
         r"different=reject but similar=flag$",
     ):
         load_policy(str(path))
-    path = write_policy(tmp_path, "b", **{"thresholds.similar": {"kind": "absolute", "value": 0.99}})
+    path = write_policy(tmp_path, "b", **{"thresholds.similar.value": 99})
     with pytest.raises(
         PolicyError,
-        match=r"similar.value \(0.99\) must not exceed duplicate.value \(0.95\) when "
-        r"both are absolute$",
+        match=r"thresholds: similar.value \(99\) must not exceed duplicate.value \(95\) "
+        r"when both are percentile$",
     ):
         load_policy(str(path))
 
