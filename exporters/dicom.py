@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from gate.exporters.base import Exporter, check_exportable, publish_folder
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
@@ -36,6 +35,7 @@ from pydicom.valuerep import format_number_as_ds, validate_value
 
 from gate import __version__
 from gate.errors import IntegrityError
+from gate.exporters.base import Exporter, check_exportable, publish_folder
 from gate.values import Decision, Volume
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from gate.exporters.base import Exporter, check_exportable, publish_file
 
 from gate.errors import IntegrityError
+from gate.exporters.base import Exporter, check_exportable, publish_file
 from gate.values import Decision, Volume
 
 DESCRIPTION = "synthetic image; no real patient"

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-from gate.exporters import ExportRefusedError
 
 from gate.audit import AuditEntry, AuditLog, verify_log
 from gate.bundle import (
@@ -23,6 +22,7 @@ from gate.bundle import (
 )
 from gate.digest import sha256_voxels
 from gate.errors import IntegrityError, UsageError
+from gate.exporters import ExportRefusedError
 from gate.index import embed_volumes
 from gate.values import Decision, Grade, Verdict
 from tests.bundle_helpers import (

@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from gate.exporters import EXPORTERS, DicomExporter, ExportRefusedError, NiftiExporter
-from gate.exporters.dicom import DCIODVFY_ALLOWED_FINDINGS, WRITTEN_KEYWORDS, build_series
 
 from gate.dicom_series import read_dicom_series
 from gate.errors import UsageError
+from gate.exporters import EXPORTERS, DicomExporter, ExportRefusedError, NiftiExporter
+from gate.exporters.dicom import DCIODVFY_ALLOWED_FINDINGS, WRITTEN_KEYWORDS, build_series
 from gate.values import Decision, Grade, Verdict, Volume
 from tests.volumes import make_blob
 
