@@ -1,0 +1,386 @@
+"""``gate encoder train|export`` and ``gate eval`` (the detection benchmark).
+
+torch and MONAI are imported inside the commands, never at module import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from gate.cli.options import input_options, read_options
+
+
+def _load_grids(
+    folder: Path, opts_args: tuple, grid: tuple[int, int, int] | None = None
+) -> tuple[object, list, str]:
+    """Read every volume under ``folder`` and preprocess it onto the grid.
+
+    Returns:
+        (N, 1, X, Y, Z) array, the volumes, and the data digest (sha256 of the sorted file digests).
+
+    """
+    from gate.encoder.data import load_folder
+    from gate.preprocess import PreprocessConfig
+
+    cfg = PreprocessConfig() if grid is None else PreprocessConfig(grid=grid)
+    return load_folder(folder, read_options(*opts_args), cfg)
+
+
+@click.group()
+def encoder() -> None:
+    """Train and export the 3D encoder that embeds volumes for the training index."""
+
+
+@encoder.command("train")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Folder (or file) of training volumes.",
+)
+@click.option(
+    "--holdout",
+    "holdout_dir",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Volumes of other patients, for per-epoch validation metrics.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Checkpoint folder (resumed if it holds a checkpoint of the same run).",
+)
+@click.option(
+    "--objective", type=click.Choice(["contrastive", "ssim"]), default="contrastive", show_default=True
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice)."
+)
+@click.option("--no-resume", is_flag=True, help="Refuse to continue an existing checkpoint.")
+@input_options
+def train_command(
+    data_dir: Path,
+    holdout_dir: Path | None,
+    out_dir: Path,
+    objective: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str,
+    threads: int | None,
+    no_resume: bool,
+    id_key_file: Path | None,
+    patient_map: Path | None,
+    patient_pattern: str | None,
+    max_voxels: int,
+) -> None:
+    """Self-supervised training (NT-Xent contrastive, or 3D-SSIM regression)."""
+    import torch
+
+    from gate.encoder.model import EncoderSpec
+    from gate.encoder.train import EpochReport, TrainConfig, train
+    from gate.errors import UsageError
+    from gate.preprocess import PreprocessConfig
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    opts = (id_key_file, patient_map, patient_pattern, max_voxels)
+    cfg = PreprocessConfig()
+    grids, _, digest = _load_grids(data_dir, opts)
+    hold = _load_grids(holdout_dir, opts)[0] if holdout_dir is not None else None
+    if no_resume and (out_dir / "checkpoint.json").exists():
+        raise UsageError(f"{out_dir} already holds a checkpoint and --no-resume was given; use a new --out")
+    config = TrainConfig(
+        objective=objective,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,  # type: ignore[arg-type]
+        spec=EncoderSpec(grid=cfg.grid),
+        preprocess=cfg,
+    )
+    click.echo(
+        f"training {objective} encoder on {len(grids)} volumes (data {digest[:12]}), "  # type: ignore[arg-type]
+        f"{epochs} epochs, device {device}",
+        err=True,
+    )
+
+    def progress(r: EpochReport) -> None:
+        extra = ""
+        if r.holdout:
+            extra = " " + " ".join(f"{k}={v:.4f}" for k, v in r.holdout.items())
+        click.echo(f"epoch {r.epoch}/{r.epochs} loss={r.loss:.4f} time={r.seconds:.1f}s{extra}", err=True)
+
+    train(grids, config, out_dir, digest, holdout=hold, device=device, on_epoch=progress)  # type: ignore[arg-type]
+    click.echo(str(out_dir / "checkpoint.npz"))
+
+
+@encoder.command("export")
+@click.option(
+    "--checkpoint",
+    "ckpt_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Checkpoint folder written by `gate encoder train`.",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Real volumes for the parity check (the training folder records its size in the card).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Model folder to write (encoder.onnx, encoder.json, model_card.md/json).",
+)
+@click.option(
+    "--parity-volumes",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="How many of the --data volumes the parity check runs on.",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Parity tolerance, max |torch - onnxruntime| (default 1e-4).",
+)
+@click.option(
+    "--benchmark",
+    "benchmark_json",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Detection benchmark JSON (from `gate eval`) to quote in the model card.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing model folder.")
+@input_options
+def export_command(
+    ckpt_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    parity_volumes: int,
+    tolerance: float | None,
+    benchmark_json: Path | None,
+    force: bool,
+    id_key_file: Path | None,
+    patient_map: Path | None,
+    patient_pattern: str | None,
+    max_voxels: int,
+) -> None:
+    """Export a checkpoint to ONNX, check parity with torch on real volumes, write the model card."""
+    import json
+
+    from gate.encoder.export import PARITY_TOLERANCE, export_encoder
+    from gate.encoder.train import load_checkpoint
+    from gate.volume import discover
+
+    ck = load_checkpoint(ckpt_dir)
+    grids, _, digest = _load_grids(
+        data_dir, (id_key_file, patient_map, patient_pattern, max_voxels), ck.config.preprocess.grid
+    )
+    cfg = ck.config
+    training = {
+        "data_digest": ck.data_digest,
+        "data_name": data_dir.name if digest == ck.data_digest else "(not the --data folder)",
+        "n_volumes": len(grids) if digest == ck.data_digest else None,  # type: ignore[arg-type]
+        "data_is_msd_hippocampus": any(
+            "hippocampus" in str(p.resolve()).lower() for p in discover([data_dir])
+        ),
+        "epochs": ck.epoch,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "objective": cfg.objective,
+        "augment": cfg.augment.model_dump(mode="json"),
+        "final_loss": ck.history[-1]["loss"] if ck.history else None,
+        "final_holdout": ck.history[-1].get("holdout") if ck.history else None,
+        "train_seconds": round(sum(h["seconds"] for h in ck.history), 1),
+    }
+    bench = json.loads(benchmark_json.read_text()) if benchmark_json else None
+    manifest = export_encoder(
+        ck.model,
+        cfg.spec.grid,
+        out_dir,
+        grids[:parity_volumes],  # type: ignore[index]
+        preprocess=cfg.preprocess,
+        objective=cfg.objective,
+        dim=cfg.spec.dim,
+        architecture=cfg.spec.model_dump(mode="json"),
+        training=training,
+        benchmark=bench,
+        tolerance=PARITY_TOLERANCE if tolerance is None else tolerance,
+        overwrite=force,
+    )
+    click.echo(
+        f"parity max abs diff {manifest.parity['max_abs_diff']:.2e} "
+        f"(tolerance {manifest.parity['tolerance']:.0e})",
+        err=True,
+    )
+    click.echo(f"{manifest.onnx_sha256}  {out_dir / manifest.onnx_file}")
+
+
+@click.command("eval")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset folder; it is split into train / holdout patients (one file = one patient).",
+)
+@click.option(
+    "--encoder",
+    "encoders",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="An exported encoder folder to benchmark (repeatable); it should be trained on the "
+    "train split only (see --write-split).",
+)
+@click.option("--holdout-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Perturbation seed.")
+@click.option(
+    "--ssim-subset",
+    type=click.IntRange(min=1),
+    default=40,
+    show_default=True,
+    help="Candidates per family scored by the (slow) 3D SSIM baseline.",
+)
+@click.option("--no-sweep", is_flag=True, help="Default severities only.")
+@click.option("--no-baselines", is_flag=True, help="Skip Pearson, SSIM and the untrained encoder.")
+@click.option(
+    "--write-split",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write train/ and holdout/ folders of symlinks for this split, then exit.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for detection.json and detection.md (default: print the table only).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@input_options
+def eval_command(
+    data_dir: Path,
+    encoders: tuple[str, ...],
+    holdout_fraction: float,
+    split_seed: int,
+    seed: int,
+    ssim_subset: int,
+    no_sweep: bool,
+    no_baselines: bool,
+    write_split: Path | None,
+    out_dir: Path | None,
+    threads: int | None,
+    id_key_file: Path | None,
+    patient_map: Path | None,
+    patient_pattern: str | None,
+    max_voxels: int,
+) -> None:
+    """Detection benchmark: exact copies, near copies per perturbation family, novel patients."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from gate.digest import sha256_file, sha256_json
+    from gate.embed import Encoder
+    from gate.encoder import benchmark as bm
+    from gate.encoder.model import EncoderSpec, build_encoder
+    from gate.errors import UsageError
+    from gate.preprocess import PreprocessConfig, preprocess_batch
+    from gate.volume import discover, read_volumes
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    files = discover([data_dir])
+    if len(files) < 10:
+        raise UsageError(f"{data_dir}: the benchmark needs >= 10 volumes; found {len(files)}")
+    tr, ho = bm.split(len(files), holdout_fraction, split_seed)
+    if write_split is not None:
+        for name, idx in (("train", tr), ("holdout", ho)):
+            d = write_split / name
+            d.mkdir(parents=True, exist_ok=False)
+            for i in idx:
+                (d / files[i].name).symlink_to(files[i].resolve())
+        click.echo(f"{len(tr)} train / {len(ho)} holdout files under {write_split}")
+        return
+    opts = read_options(id_key_file, patient_map, patient_pattern, max_voxels)
+    cfg = PreprocessConfig()
+    raws = [v for p in files for v in read_volumes(p, opts)]
+    if len(raws) != len(files):
+        raise UsageError("the benchmark expects one volume per file")
+    grids = preprocess_batch(raws, cfg)
+    train_digest = sha256_json([sha256_file(files[i]) for i in tr])
+    scorers: list[bm.Scorer] = []
+    on_split: dict[str, bool] = {}
+    for item in encoders:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise UsageError(f"--encoder expects NAME=DIR; got {item!r}")
+        enc = Encoder(Path(path), device="cpu")
+        if enc.preprocess != cfg:
+            raise UsageError(f"{path}: encoder preprocessing differs from the default; not comparable")
+        on_split[name] = enc.manifest.training.get("data_digest") == train_digest
+        scorers.append(bm.EmbeddingScorer(name, enc.embed_array))
+    if not no_baselines:
+        untrained = build_encoder(EncoderSpec(grid=cfg.grid), seed=0)
+
+        def embed_untrained(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return torch.cat(
+                    [untrained(torch.from_numpy(x[i : i + 64])) for i in range(0, len(x), 64)]
+                ).numpy()
+
+        scorers += [
+            bm.PearsonScorer(),
+            bm.EmbeddingScorer("untrained_encoder", embed_untrained),
+            bm.SSIMScorer(ssim_subset),
+        ]
+    result = bm.run_benchmark(
+        grids[tr],
+        [raws[i] for i in tr],
+        grids[ho],
+        scorers,
+        cfg,
+        seed=seed,
+        sweep=not no_sweep,
+        progress=lambda m: click.echo(m, err=True),
+    )
+    result.update(
+        {
+            "data": str(data_dir),
+            "split_seed": split_seed,
+            "holdout_fraction": holdout_fraction,
+            "train_digest": train_digest,
+            "encoder_trained_on_train_split": on_split,
+            "ssim_subset": ssim_subset,
+        }
+    )
+    table = bm.markdown_table(result)
+    click.echo(table)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "detection.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out_dir / "detection.md").write_text(
+            "# Detection benchmark\n\n" + table + "\n## Severity sweep\n\n" + bm.markdown_sweep(result)
+        )
+        click.echo(f"wrote {out_dir / 'detection.json'} and detection.md", err=True)

@@ -1,0 +1,442 @@
+"""Detection benchmark: can an encoder tell copies of training patients from new patients?
+
+Protocol (all seeded):
+
+1. Split the files of a dataset into train / holdout (default 80 / 20, seed 0). One file is
+   one patient here; in msd_hippocampus left and right crops of one scan may both be present,
+   so a holdout volume can have a "twin" in train and holdout similarities are pessimistic
+   (too high), which lowers every TPR at a holdout-derived threshold.
+2. Score each candidate by its nearest-train similarity (exact search in numpy): cosine of
+   unit embeddings for encoders, Pearson correlation of the preprocessed grids for the
+   raw-voxel baseline, mean 3D SSIM for the SSIM baseline.
+3. Candidates: ``exact`` copies of training volumes; near copies of training volumes under
+   each perturbation family of :data:`FAMILIES`, at several severities (the default marked);
+   ``novel`` = holdout volumes, which must pass.
+4. Per family: TPR at the threshold (the :data:`THRESHOLD_PERCENTILE` percentile of novel
+   scores, so FPR ~ 5% by construction), FPR on novel, AUROC (near copies vs novel), TPR at
+   FPR = 1% and 5% (threshold-free).
+
+Perturbations act on the preprocessed grid (in [0, 1]) and the result goes through
+:func:`gate.preprocess.preprocess` again, as a candidate file would; ``crop_shift`` and
+``resampling`` act on the raw volume before preprocessing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gate.encoder.augment import BIAS_CONTROL, ELASTIC_CONTROL, gaussian_blur, smooth_field, spatial
+from gate.encoder.ssim import set_stats, ssim_to_set
+from gate.preprocess import PreprocessConfig, preprocess
+from gate.values import Volume
+
+THRESHOLD_PERCENTILE = 95.0
+"""Flag threshold = this percentile of the novel (holdout) nearest-train scores, i.e. the
+policy "closer to training than 95% of real new patients are". FPR at it is ~5% by
+construction; TPR at FPR = 1% is the stricter, threshold-free companion."""
+
+FPR_POINTS: tuple[float, ...] = (0.01, 0.05)
+"""False-positive rates at which TPR is reported."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A perturbation family.
+
+    Attributes:
+        name: family id.
+        kind: ``exact``, ``geometric``, ``intensity`` or ``resampling``.
+        severities: levels swept (unit in ``unit``).
+        default: the level the targets apply to.
+        unit: what a severity means.
+
+    """
+
+    name: str
+    kind: str
+    severities: tuple[float, ...]
+    default: float
+    unit: str
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("exact", "exact", (0.0,), 0.0, "-"),
+        Family("flip", "geometric", (1.0,), 1.0, "left-right flip"),
+        Family("rotation", "geometric", (5.0, 10.0, 20.0), 10.0, "degrees about a random axis"),
+        Family("translation", "geometric", (2.0, 4.0, 8.0), 4.0, "voxels (mm) in a random direction"),
+        Family(
+            "crop_shift",
+            "geometric",
+            (2.0, 4.0, 8.0),
+            4.0,
+            "voxels cut from one side per axis before preprocessing",
+        ),
+        Family("elastic", "geometric", (1.0, 2.0, 4.0), 2.0, "max displacement, voxels"),
+        Family("gamma", "intensity", (1.2, 1.5, 2.0), 1.5, "gamma factor (x**g or x**(1/g))"),
+        Family("noise", "intensity", (0.02, 0.05, 0.1), 0.05, "Gaussian sigma (intensity in [0, 1])"),
+        Family("blur", "intensity", (0.5, 1.0, 2.0), 1.0, "Gaussian sigma, voxels"),
+        Family("bias_field", "intensity", (0.1, 0.3, 0.6), 0.3, "max |log gain| of a smooth field"),
+        Family("resampling", "resampling", (1.25, 1.5, 2.0), 1.5, "mm: down- then re-sampled to 1 mm"),
+    )
+}
+"""Default severities are a little beyond the training augmentation ranges where those exist
+(rotation 10 deg is the range edge, translation 4 > 3 vox, elastic 2 > 1.5 vox, gamma 1.5 is
+the edge); crop shift and resampling are never seen in training."""
+
+
+def _grid_volume(data: np.ndarray, like: Volume) -> Volume:
+    return Volume(
+        data=np.ascontiguousarray(data, dtype=np.float32),
+        affine=np.eye(4),
+        spacing=(1.0, 1.0, 1.0),
+        source=like.source,
+        patient_id=like.patient_id,
+    )
+
+
+def _repreprocess(grids: torch.Tensor, raws: list[Volume], cfg: PreprocessConfig) -> np.ndarray:
+    arr = grids.numpy()
+    return np.stack(
+        [preprocess(_grid_volume(a[0], v), cfg).data[None] for a, v in zip(arr, raws, strict=True)]
+    )
+
+
+def perturb(
+    family: str, severity: float, grids: np.ndarray, raws: list[Volume], cfg: PreprocessConfig, seed: int
+) -> np.ndarray:
+    """Near copies of ``grids`` under one perturbation family.
+
+    Args:
+        family: a key of :data:`FAMILIES`.
+        severity: level (see ``FAMILIES[family].unit``).
+        grids: (N, 1, X, Y, Z) preprocessed training grids.
+        raws: the N raw volumes they came from.
+        cfg: preprocessing config.
+        seed: fixes directions and random fields.
+
+    Returns:
+        (N, 1, X, Y, Z) preprocessed candidates.
+
+    """
+    n = len(grids)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))
+    zeros3, ones, no = torch.zeros((n, 3)), torch.ones(n), torch.zeros(n, dtype=torch.bool)
+    shape = tuple(int(s) for s in grids.shape[2:])
+    if family == "exact":
+        return grids.copy()
+    if family == "flip":
+        return _repreprocess(spatial(x, zeros3, zeros3, ones, ~no), raws, cfg)
+    if family == "rotation":
+        axis = torch.randn((n, 3), generator=gen)
+        axis = axis / axis.norm(dim=1, keepdim=True)
+        # small-angle: Euler angles along a random unit axis, total angle = severity
+        return _repreprocess(spatial(x, axis * math.radians(severity), zeros3, ones, no), raws, cfg)
+    if family == "translation":
+        d = torch.randn((n, 3), generator=gen)
+        d = d / d.norm(dim=1, keepdim=True) * severity
+        return _repreprocess(spatial(x, zeros3, d, ones, no), raws, cfg)
+    if family == "elastic":
+        disp = smooth_field(n, 3, ELASTIC_CONTROL, shape, torch.full((n,), severity), gen, x.device)  # type: ignore[arg-type]
+        return _repreprocess(spatial(x, zeros3, zeros3, ones, no, disp), raws, cfg)
+    if family == "gamma":
+        up = torch.rand(n, generator=gen) < 0.5
+        g = torch.where(up, torch.full((n,), severity), torch.full((n,), 1.0 / severity))
+        return _repreprocess(x.clamp(0, 1) ** g.view(n, 1, 1, 1, 1), raws, cfg)
+    if family == "noise":
+        return _repreprocess((x + severity * torch.randn(x.shape, generator=gen)).clamp(0, 1), raws, cfg)
+    if family == "blur":
+        return _repreprocess(gaussian_blur(x, torch.full((n,), severity)), raws, cfg)
+    if family == "bias_field":
+        b = smooth_field(n, 1, BIAS_CONTROL, shape, torch.full((n,), severity), gen, x.device)  # type: ignore[arg-type]
+        return _repreprocess((x * torch.exp(b)).clamp(0, 1), raws, cfg)
+    rng = np.random.default_rng(seed)
+    if family == "crop_shift":
+        out = []
+        for v in raws:
+            cut = int(severity)
+            sl = []
+            for size in v.data.shape:
+                c = min(cut, size - 8)
+                sl.append(slice(c, None) if rng.random() < 0.5 else slice(0, size - c))
+            data = np.ascontiguousarray(v.data[tuple(sl)])
+            shift = np.eye(4)
+            shift[:3, 3] = [s.start or 0 for s in sl]
+            out.append(
+                preprocess(
+                    Volume(
+                        data=data,
+                        affine=v.affine @ shift,
+                        spacing=v.spacing,
+                        source=v.source,
+                        patient_id=v.patient_id,
+                    ),
+                    cfg,
+                ).data[None]
+            )
+        return np.stack(out)
+    if family == "resampling":
+        from scipy import ndimage
+
+        out = []
+        for v in raws:
+            factor = 1.0 / severity
+            data = ndimage.zoom(v.data, factor, order=1, mode="nearest", grid_mode=True).astype(np.float32)
+            affine = v.affine @ np.diag([severity, severity, severity, 1.0])
+            sp = tuple(float(s) * severity for s in v.spacing)
+            out.append(
+                preprocess(
+                    Volume(
+                        data=data,
+                        affine=affine,
+                        spacing=sp,
+                        source=v.source,  # type: ignore[arg-type]
+                        patient_id=v.patient_id,
+                    ),
+                    cfg,
+                ).data[None]
+            )
+        return np.stack(out)
+    raise ValueError(f"unknown perturbation family {family!r}; expected one of {sorted(FAMILIES)}")
+
+
+class Scorer:
+    """Nearest-train similarity by exact search: fit on train grids, score candidates."""
+
+    name: str = ""
+    max_candidates: int | None = None
+
+    def fit(self, train: np.ndarray) -> None:
+        """Remember the training set (N, 1, X, Y, Z)."""
+        raise NotImplementedError
+
+    def score(self, candidates: np.ndarray) -> np.ndarray:
+        """(M, 1, X, Y, Z) -> (M,) float64 nearest-train similarity (higher = closer)."""
+        raise NotImplementedError
+
+
+class EmbeddingScorer(Scorer):
+    """Cosine similarity of unit embeddings (an ONNX :class:`gate.embed.Encoder` or torch)."""
+
+    def __init__(self, name: str, embed: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.name, self._embed = name, embed
+
+    def fit(self, train: np.ndarray) -> None:  # noqa: D102
+        self._ref = self._embed(train).astype(np.float64)
+
+    def score(self, candidates: np.ndarray) -> np.ndarray:  # noqa: D102
+        return (self._embed(candidates).astype(np.float64) @ self._ref.T).max(axis=1)
+
+
+class PearsonScorer(Scorer):
+    """Raw-voxel Pearson correlation of the preprocessed grids (the pixel-space baseline)."""
+
+    name = "raw_voxel_pearson"
+
+    @staticmethod
+    def _z(x: np.ndarray) -> np.ndarray:
+        f = x.reshape(len(x), -1).astype(np.float64)
+        f = f - f.mean(axis=1, keepdims=True)
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+    def fit(self, train: np.ndarray) -> None:  # noqa: D102
+        self._ref = self._z(train)
+
+    def score(self, candidates: np.ndarray) -> np.ndarray:  # noqa: D102
+        return (self._z(candidates) @ self._ref.T).max(axis=1)
+
+
+class SSIMScorer(Scorer):
+    """Mean 3D SSIM (7^3 uniform window); costly, so scored on a seeded subset per family."""
+
+    name = "ssim_3d"
+
+    def __init__(self, max_candidates: int) -> None:
+        self.max_candidates = max_candidates
+
+    def fit(self, train: np.ndarray) -> None:  # noqa: D102
+        self._ref = torch.from_numpy(train)
+        self._stats = set_stats(self._ref)
+
+    def score(self, candidates: np.ndarray) -> np.ndarray:  # noqa: D102
+        s = ssim_to_set(torch.from_numpy(np.ascontiguousarray(candidates)), self._ref, self._stats)
+        return s.max(dim=1).values.double().numpy()
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties count half (Mann-Whitney U)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allv = np.concatenate([pos, neg])
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty(len(allv), dtype=np.float64)
+    sv = allv[order]
+    i = 0
+    while i < len(sv):
+        j = i
+        while j + 1 < len(sv) and sv[j + 1] == sv[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r = ranks[: len(pos)].sum()
+    return float((r - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
+    """TPR at the lowest threshold whose FPR on ``neg`` is <= ``fpr`` (flag: score > t)."""
+    k = math.floor(fpr * len(neg))  # negatives allowed above the threshold
+    t = np.sort(neg)[::-1][k] if k < len(neg) else -np.inf
+    return float(np.mean(pos > t))
+
+
+def family_metrics(pos: np.ndarray, novel: np.ndarray, threshold: float) -> dict[str, float]:
+    """TPR at threshold (score >= threshold flags), FPR, AUROC, TPR at FPR points."""
+    out = {
+        "n": len(pos),
+        "tpr_at_threshold": float(np.mean(pos >= threshold)),
+        "fpr_at_threshold": float(np.mean(novel >= threshold)),
+        "auroc": auroc(pos, novel),
+        "min_score": float(pos.min()),
+        "median_score": float(np.median(pos)),
+    }
+    for f in FPR_POINTS:
+        out[f"tpr_at_fpr_{round(f * 100)}pct"] = tpr_at_fpr(pos, novel, f)
+    return out
+
+
+def split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded patient split: (train indices, holdout indices), each sorted."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_hold = round(holdout_fraction * n)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def run_benchmark(
+    train_grids: np.ndarray,
+    train_raw: list[Volume],
+    holdout_grids: np.ndarray,
+    scorers: list[Scorer],
+    cfg: PreprocessConfig,
+    seed: int = 0,
+    sweep: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Score every family with every scorer.
+
+    Args:
+        train_grids: (N, 1, X, Y, Z) preprocessed training grids.
+        train_raw: the N raw training volumes.
+        holdout_grids: (H, 1, X, Y, Z) preprocessed novel grids.
+        scorers: the methods compared.
+        cfg: preprocessing config.
+        seed: fixes perturbations and SSIM subsets.
+        sweep: also run the non-default severities.
+        progress: callback for one-line progress messages.
+
+    Returns:
+        ``{"threshold_percentile", "n_train", "n_holdout", "methods": {name: {"threshold",
+        "novel", "families": {family: {severity: metrics}}, "pooled": metrics}}}``.
+
+    """
+    say = progress or (lambda _m: None)
+    candidates: dict[tuple[str, float], np.ndarray] = {}
+    for fi, fam in enumerate(FAMILIES.values()):
+        for sev in fam.severities if sweep else (fam.default,):
+            candidates[(fam.name, sev)] = perturb(fam.name, sev, train_grids, train_raw, cfg, seed + 101 * fi)
+    say(f"built {len(candidates)} candidate sets of {len(train_grids)} volumes")
+    result: dict[str, Any] = {
+        "threshold_percentile": THRESHOLD_PERCENTILE,
+        "n_train": len(train_grids),
+        "n_holdout": len(holdout_grids),
+        "seed": seed,
+        "methods": {},
+        "families": {
+            f.name: {"kind": f.kind, "severities": list(f.severities), "default": f.default, "unit": f.unit}
+            for f in FAMILIES.values()
+        },
+    }
+    rng = np.random.default_rng(seed)
+    for scorer in scorers:
+        scorer.fit(train_grids)
+        novel = scorer.score(holdout_grids)
+        thr = float(np.percentile(novel, THRESHOLD_PERCENTILE))
+        fams: dict[str, dict[str, Any]] = {}
+        pooled = []
+        subset = None
+        if scorer.max_candidates is not None and scorer.max_candidates < len(train_grids):
+            subset = np.sort(rng.choice(len(train_grids), scorer.max_candidates, replace=False))
+        for (name, sev), cand in candidates.items():
+            fam = FAMILIES[name]
+            if subset is not None and sev != fam.default:
+                continue  # costly scorers: default severity only
+            pos = scorer.score(cand if subset is None else cand[subset])
+            fams.setdefault(name, {})[str(sev)] = family_metrics(pos, novel, thr)
+            if sev == fam.default:
+                pooled.append(pos)
+        result["methods"][scorer.name] = {
+            "threshold": thr,
+            "novel": {
+                "n": len(novel),
+                "max": float(novel.max()),
+                "median": float(np.median(novel)),
+                "fpr_at_threshold": float(np.mean(novel >= thr)),
+            },
+            "families": fams,
+            "pooled": family_metrics(np.concatenate(pooled), novel, thr),
+            "subset": None if subset is None else len(subset),
+        }
+        say(
+            f"{scorer.name}: threshold {thr:.4f}, "
+            f"pooled AUROC {result['methods'][scorer.name]['pooled']['auroc']:.4f}"
+        )
+    return result
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """Default-severity table: one row per method x family."""
+    lines = [
+        f"Threshold = {result['threshold_percentile']:.0f}th percentile of novel (holdout) "
+        f"nearest-train score; {result['n_train']} train / {result['n_holdout']} holdout volumes.",
+        "",
+        "| method | family | severity | TPR@thr | FPR@thr | AUROC | TPR@FPR1% | TPR@FPR5% |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mname, m in result["methods"].items():
+        for fname, fam in FAMILIES.items():
+            r = m["families"][fname][str(fam.default)]
+            lines.append(
+                f"| {mname} | {fname} | {fam.default:g} | {r['tpr_at_threshold']:.3f} | "
+                f"{r['fpr_at_threshold']:.3f} | {r['auroc']:.4f} | {r['tpr_at_fpr_1pct']:.3f} | "
+                f"{r['tpr_at_fpr_5pct']:.3f} |"
+            )
+        p = m["pooled"]
+        lines.append(
+            f"| {mname} | **pooled** | default | {p['tpr_at_threshold']:.3f} | {p['fpr_at_threshold']:.3f} | "
+            f"{p['auroc']:.4f} | {p['tpr_at_fpr_1pct']:.3f} | {p['tpr_at_fpr_5pct']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown_sweep(result: dict[str, Any]) -> str:
+    """Severity curves (AUROC and TPR@FPR1%) for the methods with a full sweep."""
+    lines = ["| method | family | severity | TPR@thr | AUROC | TPR@FPR1% |", "|---|---|---|---|---|---|"]
+    for mname, m in result["methods"].items():
+        if m.get("subset"):
+            continue
+        for fname, fam in FAMILIES.items():
+            if len(fam.severities) < 2:
+                continue
+            for sev, r in m["families"][fname].items():
+                lines.append(
+                    f"| {mname} | {fname} | {sev} | {r['tpr_at_threshold']:.3f} | "
+                    f"{r['auroc']:.4f} | {r['tpr_at_fpr_1pct']:.3f} |"
+                )
+    return "\n".join(lines) + "\n"
