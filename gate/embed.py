@@ -147,12 +147,15 @@ class Encoder:
 
     """
 
-    def __init__(self, model_dir: Path = DEFAULT_ENCODER_DIR, device: Device = "auto") -> None:
+    def __init__(
+        self, model_dir: Path = DEFAULT_ENCODER_DIR, device: Device = "auto", threads: int | None = None
+    ) -> None:
         """Verify and load ``model_dir/encoder.onnx``.
 
         Args:
             model_dir: folder with ``encoder.onnx`` and ``encoder.json``.
             device: ``auto`` (CUDA then CPU, if onnxruntime-gpu offers CUDA), ``cpu`` or ``cuda``.
+            threads: onnxruntime intra-op CPU threads (default: onnxruntime's choice).
 
         Raises:
             IntegrityError: missing files, invalid manifest, or ONNX sha256 mismatch.
@@ -176,6 +179,10 @@ class Encoder:
             )
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"threads must be >= 1; got {threads}")
+            options.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(data, sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own untyped errors

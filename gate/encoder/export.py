@@ -10,6 +10,7 @@ temporary folder beside the target and renamed into place.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import shutil
@@ -41,6 +42,22 @@ INPUT_NAME = "volume"
 OUTPUT_NAME = "embedding"
 
 
+def scalar_prelu_as_leaky_relu(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every single-slope PReLU replaced by the identical LeakyReLU.
+
+    MONAI's residual units use ``nn.PReLU()`` with one learned slope; once trained, that is
+    exactly ``LeakyReLU(slope)``. onnxruntime runs PRelu as a broadcast kernel (~20% of the
+    CPU time of this encoder) but fuses LeakyRelu into the preceding Conv. The parity check
+    compares the export with the *original* model, so the substitution is proven, not assumed.
+    """
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.PReLU) and child.weight.numel() == 1:
+                setattr(module, child_name, nn.LeakyReLU(negative_slope=float(child.weight.detach())))
+    return model
+
+
 def onnx_bytes(model: nn.Module, grid: tuple[int, int, int]) -> bytes:
     """Serialise ``model`` to ONNX with a dynamic batch axis, weights embedded.
 
@@ -52,7 +69,7 @@ def onnx_bytes(model: nn.Module, grid: tuple[int, int, int]) -> bytes:
         The ONNX model bytes (checked by ``onnx.checker``).
 
     """
-    model = model.eval().cpu()
+    model = scalar_prelu_as_leaky_relu(model.eval().cpu()).eval()
     example = torch.zeros((2, 1, *grid), dtype=torch.float32)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
