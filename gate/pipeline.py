@@ -134,7 +134,8 @@ class GenerateResult:
         bundle: the published bundle, or None when nothing passed.
         wanted: n.
         candidates: candidates generated and judged.
-        passed: candidates that passed (those beyond n are audited but not exported).
+        passed: candidates that passed; batches shrink to the number still wanted, so never
+            more than n.
         exported: samples in the bundle (min(n, passed)).
         verdict_grades: counts per (verdict, grade), e.g. ``{"reject/duplicate": 3}``.
         times: seconds per stage (see :data:`STAGES`).
@@ -263,7 +264,7 @@ def run_generate(
     budget = request.budget
     while result.exported < request.n and result.candidates < budget:
         start = result.candidates
-        count = min(request.batch_size, budget - start)
+        count = min(request.batch_size, budget - start, request.n - result.exported)
         t = time.perf_counter()
         volumes = generator.volumes(
             generator.sample(request.seed, start, count, request.ddim_steps), request.seed, start

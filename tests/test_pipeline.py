@@ -20,6 +20,7 @@ from gate.generator.sample import Generator
 from gate.generator.train import train, training_array
 from gate.pipeline import MEMORIZATION_FILE, GenerateRequest, run_generate
 from gate.policy import load_policy
+from gate.values import Verdict
 from tests.bundle_helpers import Training, make_training, release_policy_text, write_policy
 from tests.generator_helpers import tiny_config
 
@@ -62,7 +63,8 @@ def test_end_to_end_bundle(world: tuple[Training, Generator], tmp_path: Path) ->
         progress.append,
     )
     assert result.exit_code is ExitCode.OK
-    assert result.exported == 5 and result.passed >= 5
+    assert result.exported == 5 and result.passed == 5
+    assert result.candidates == 5 + result.count(Verdict.FLAG) + result.count(Verdict.REJECT)
     assert result.bundle == tmp_path / "out" / "gate-r1"
     manifest = read_manifest(result.bundle)
     assert len(manifest.samples) == 5 and all(s.sample_id.startswith("s") for s in manifest.samples)
