@@ -145,6 +145,7 @@ class GenerateResult:
         patients_copied: how many such patients.
         training_patients: distinct patients in the index.
         audit_log: the audit log written to.
+        seed: the run seed.
 
     """
 
@@ -161,6 +162,7 @@ class GenerateResult:
     patients_copied: int = 0
     training_patients: int = 0
     audit_log: Path | None = None
+    seed: int = 0
 
     @property
     def exit_code(self) -> ExitCode:
@@ -254,7 +256,9 @@ def run_generate(
     bundle_dir = request.out_root / f"gate-{run_id}"
     if bundle_dir.exists():
         raise UsageError(f"{bundle_dir}: already exists; bundles are never overwritten")
-    result = GenerateResult(run_id=run_id, bundle=None, wanted=request.n, audit_log=audit.path)
+    result = GenerateResult(
+        run_id=run_id, bundle=None, wanted=request.n, audit_log=audit.path, seed=request.seed
+    )
     result.times["load"] = load_seconds
     result.training_patients = len({row.patient_id for row in index.manifest.rows})
     clock = _Clock(result.times)

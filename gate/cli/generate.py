@@ -196,8 +196,16 @@ def train_command(
 @click.option(
     "--max-candidates", type=click.IntRange(min=1), default=None, help="Candidate budget (default: 4 x --n)."
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Run seed (candidate i = (seed, i)).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Run seed; candidate i is reproducible from (seed, i). Default: a fresh random seed, "
+    "printed and recorded in the bundle manifest.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Candidates per batch."
+)
 @click.option(
     "--ddim-steps",
     type=click.IntRange(min=1),
@@ -259,7 +267,7 @@ def generate(
     n: int,
     policy_name: str,
     max_candidates: int | None,
-    seed: int,
+    seed: int | None,
     batch_size: int,
     ddim_steps: int | None,
     formats: str,
@@ -289,6 +297,10 @@ def generate(
     unknown = [f for f in fmt if f not in EXPORTERS]
     if unknown or not fmt:
         raise UsageError(f"--formats {formats!r}: expected some of {', '.join(EXPORTERS)}")
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbelow(2**31)
     request = GenerateRequest(
         n=n,
         max_candidates=max_candidates,
@@ -338,6 +350,7 @@ def generate(
 def _summary_json(result: Any, policy_id: str, provider: str) -> dict[str, Any]:
     return {
         "run_id": result.run_id,
+        "seed": result.seed,
         "policy": policy_id,
         "provider": provider,
         "wanted": result.wanted,
@@ -357,9 +370,9 @@ def _print_summary(result: Any, policy_id: str, wall: float) -> None:
     from gate.values import Grade, Verdict
 
     click.echo(
-        f"run {result.run_id} (policy {policy_id}): {result.candidates} candidates generated, "
-        f"{result.passed} passed, {result.count(Verdict.FLAG)} flagged, "
-        f"{result.count(Verdict.REJECT)} rejected"
+        f"run {result.run_id} (policy {policy_id}, seed {result.seed}): "
+        f"{result.candidates} candidates generated, {result.passed} passed, "
+        f"{result.count(Verdict.FLAG)} flagged, {result.count(Verdict.REJECT)} rejected"
     )
     for verdict in (Verdict.FLAG, Verdict.REJECT):
         per = ", ".join(f"{g.value} {result.count(verdict, g)}" for g in Grade if result.count(verdict, g))
