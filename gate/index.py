@@ -373,6 +373,7 @@ def build_index(
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; an index is shared, read-only data
     try:
         graph.save_index(str(tmp / INDEX_FILE))
         np.save(tmp / VECTORS_FILE, vectors, allow_pickle=False)
