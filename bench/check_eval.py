@@ -60,6 +60,39 @@ PERTURBATIONS = {"noise": _noise, "blur": _blur, "shift": _shift, "intensity": _
 0.7-voxel blur, <= 1.5-voxel sub-voxel shift, +-15% gamma and +-10% gain, and all of them)."""
 
 
+def encoder_families() -> list[str]:
+    """The encoder benchmark's near-copy families (gate.encoder.benchmark.FAMILIES), less exact."""
+    from gate.encoder.benchmark import FAMILIES
+
+    return [name for name in FAMILIES if name != "exact"]
+
+
+def write_encoder_family_copies(train: list[Path], sets: dict[str, Path], seed: int) -> None:
+    """Near copies at each family's default severity, made by the encoder benchmark's perturb().
+
+    perturb() returns preprocessed grids (1 mm, [0, 1]); each is written as .nii.gz with an
+    identity affine, so ``gate check`` preprocesses it once more (a no-op up to the percentile
+    re-normalisation).
+    """
+    from gate.encoder.benchmark import FAMILIES, perturb
+    from gate.preprocess import PreprocessConfig, preprocess
+    from gate.values import Volume
+
+    cfg = PreprocessConfig()
+    raws = []
+    for i, f in enumerate(train):
+        img = nib.load(f)
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        spacing = tuple(float(x) for x in np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0)))
+        raws.append(Volume(data, np.asarray(img.affine, float), spacing, str(f), f"p-{i:016x}"))  # type: ignore[arg-type]
+    grids = np.stack([preprocess(v, cfg).data[None] for v in raws])
+    for name in encoder_families():
+        fam = FAMILIES[name]
+        cand = perturb(name, fam.default, grids, raws, cfg, seed)
+        for f, grid in zip(train, cand, strict=True):
+            nib.save(nib.Nifti1Image(np.asarray(grid[0], dtype=np.float32), np.eye(4)), sets[name] / f.name)
+
+
 def write_like(src: Path, data: np.ndarray, dst: Path) -> None:
     img = nib.load(src)
     nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine), dst)
@@ -132,6 +165,11 @@ def main() -> None:
         "--split", type=Path, default=None, help="folder with train/ and holdout/ (overrides seed)"
     )
     ap.add_argument("--limit", type=int, default=0, help="use only this many volumes (smoke test)")
+    ap.add_argument(
+        "--encoder-families",
+        action="store_true",
+        help="near copies from gate.encoder.benchmark (default severity)",
+    )
     ap.add_argument("--proxy-voxel-encoder", action="store_true", help="no ONNX encoder: pooled voxels")
     args = ap.parse_args()
     if args.proxy_voxel_encoder:
@@ -151,16 +189,20 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=False)
     env = dict(os.environ, GATE_ID_KEY_FILE=str(out / "pseudonym.key"))
-    sets = {name: out / "cand" / name for name in ["exact", *PERTURBATIONS, "holdout"]}
+    families = encoder_families() if args.encoder_families else list(PERTURBATIONS)
+    sets = {name: out / "cand" / name for name in ["exact", *families, "holdout"]}
     (out / "train").mkdir()
     for d in sets.values():
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, exist_ok=True)
     for f in train:
         (out / "train" / f.name).symlink_to(f)
         data = np.asanyarray(nib.load(f).dataobj).astype(np.float32)
         write_like(f, data, sets["exact"] / f.name)
-        for name, fn in PERTURBATIONS.items():
-            write_like(f, fn(data.astype(np.float64), rng), sets[name] / f.name)
+        if not args.encoder_families:
+            for name, fn in PERTURBATIONS.items():
+                write_like(f, fn(data.astype(np.float64), rng), sets[name] / f.name)
+    if args.encoder_families:
+        write_encoder_family_copies(train, sets, args.seed)
     for f in held:
         (sets["holdout"] / f.name).symlink_to(f)
     build_args = ["index", "build", "--data", str(out / "train"), "--encoder", str(args.encoder)]
@@ -196,6 +238,7 @@ def main() -> None:
         "holdout": len(held),
         "seed": args.seed,
         "split": str(args.split) if args.split else "seeded",
+        "families": "gate.encoder.benchmark defaults" if args.encoder_families else "bench/check_eval.py",
         "encoder": "proxy-voxel" if PROXY else str(args.encoder),
         "calibration_percentiles": {p: float(np.percentile(cal, p)) for p in (1, 5, 25, 50, 75, 90, 95, 99)},
         "policies": summary,
