@@ -155,6 +155,30 @@ def run_gate(gate_bin: Path, args: list[str], env: dict[str, str]) -> tuple[int,
     return result.exit_code, result.output, result.output
 
 
+SWEEP_PERCENTILES = (5, 10, 25, 50, 75, 90, 95, 99, 100)
+"""Calibration percentiles at which the reject rate of a single threshold is tabulated."""
+
+
+def percentile_sweep(out: Path, sets: dict[str, Path], cal: np.ndarray) -> dict[str, dict[str, float]]:
+    """Share of each set at or above each calibration percentile (from the strict run's JSON).
+
+    Shows what a policy rejecting everything above percentile p would do, for every p, without
+    re-running the check.
+    """
+    sweep: dict[str, dict[str, float]] = {}
+    cuts = {p: min(float(np.percentile(cal, p)), 0.999) for p in SWEEP_PERCENTILES}
+    for name in sets:
+        sims = np.array(
+            [r["similarity"] for r in json.loads((out / f"strict_{name}.json").read_text())["results"]]
+        )
+        sweep[name] = {f"p{p}": float(np.mean(sims >= cut)) for p, cut in cuts.items()}
+    print("\n| set | " + " | ".join(f"p{p} ({c:.3f})" for p, c in cuts.items()) + " |")
+    print("|---|" + "---|" * len(cuts))
+    for name, row in sweep.items():
+        print(f"| {name} | " + " | ".join(f"{v:.1%}" for v in row.values()) + " |")
+    return sweep
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--encoder", type=Path, default=Path("gate/models/encoder"))
@@ -243,6 +267,7 @@ def main() -> None:
         "calibration_percentiles": {p: float(np.percentile(cal, p)) for p in (1, 5, 25, 50, 75, 90, 95, 99)},
         "policies": summary,
     }
+    result["sweep"] = percentile_sweep(out, sets, cal)
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     print("\n| policy | set | n | reject | flag | pass | sim min / median / max |")
     print("|---|---|---|---|---|---|---|")
