@@ -212,7 +212,19 @@ def export_command(
         "final_holdout": ck.history[-1].get("holdout") if ck.history else None,
         "train_seconds": round(sum(h["seconds"] for h in ck.history), 1),
     }
-    bench = json.loads(benchmark_json.read_text()) if benchmark_json else None
+    bench = None
+    if benchmark_json is not None:
+        from gate.encoder.benchmark import markdown_table
+
+        result = json.loads(benchmark_json.read_text())
+        bench = {
+            "source": benchmark_json.name,
+            "note": "measured with an encoder of this recipe trained on the benchmark's train split "
+            f"({result['n_train']} train / {result['n_holdout']} holdout volumes, split seed "
+            f"{result.get('split_seed')}); see docs/encoder.md",
+            "pooled": {name: m["pooled"] for name, m in result["methods"].items()},
+            "markdown": markdown_table(result),
+        }
     manifest = export_encoder(
         ck.model,
         cfg.spec.grid,

@@ -265,7 +265,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     if card.get("benchmark"):
-        lines += ["## Detection benchmark", "", str(card["benchmark"].get("markdown", card["benchmark"])), ""]
+        b = card["benchmark"]
+        lines += ["## Detection benchmark", "", str(b.get("note", "")), "", str(b.get("markdown", b)), ""]
     if card.get("data_credit"):
         lines += ["## Data", "", card["data_credit"], ""]
     return "\n".join(lines)
