@@ -252,16 +252,20 @@ def test_export_parity_and_runtime(tmp_path: Path) -> None:
 
 
 class _Stateful(nn.Module):
-    """Returns a different answer on every call: tracing bakes in one, so parity must fail."""
+    """Returns a different answer on every call: tracing bakes in one, so parity must fail.
+
+    The counter is class-level so that the copy the exporter traces shares it.
+    """
+
+    calls = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(int(np.prod(GRID)), 8)
-        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        h = self.lin(x.flatten(1)) + float(self.calls)
+        type(self).calls += 1
+        h = self.lin(x.flatten(1)) + float(type(self).calls)
         return h / h.norm(dim=1, keepdim=True)
 
 
