@@ -328,6 +328,8 @@ def eval_command(
         raise UsageError(f"{data_dir}: the benchmark needs >= 10 volumes; found {len(files)}")
     tr, ho = bm.split(len(files), holdout_fraction, split_seed)
     if write_split is not None:
+        if write_split.exists():
+            raise UsageError(f"{write_split} exists; choose a new folder for --write-split")
         for name, idx in (("train", tr), ("holdout", ho)):
             d = write_split / name
             d.mkdir(parents=True, exist_ok=False)
