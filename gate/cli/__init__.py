@@ -84,11 +84,10 @@ class GateGroup(click.Group):
 @click.version_option(__version__, prog_name="gate")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress and show tracebacks.")
 def main(verbose: bool) -> None:
-    r"""gate: the privacy gate for synthetic 3D medical images.
+    """gate: the privacy gate for synthetic 3D medical images.
 
-    \b
-    Exit codes: 0 ok, 1 policy violations found, 2 usage error,
-                3 input or integrity error, 4 internal error.
+    Exit codes: 0 ok, 1 policy violations found, 2 usage error, 3 input or integrity error,
+    4 internal error (nothing was exported).
     """
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
