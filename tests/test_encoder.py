@@ -328,3 +328,10 @@ def test_shipped_encoder_finds_exact_and_near_copies(hippocampus_dir: Path, read
     sims = near @ ref.T
     assert (sims.argmax(axis=1) == np.arange(3)).all()
     assert (np.diag(sims) > 0.9).all()
+
+
+def test_mean_pooling_head() -> None:
+    model = build_encoder(EncoderSpec(grid=GRID, channels=(4, 8, 8, 8), dim=16, pooling="mean"), seed=0)
+    z = model(_blobs(2))
+    assert z.shape == (2, 16)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2))

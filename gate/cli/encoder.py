@@ -66,6 +66,13 @@ def encoder() -> None:
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice)."
 )
+@click.option(
+    "--pooling",
+    type=click.Choice(["flatten", "mean"]),
+    default="flatten",
+    show_default=True,
+    help="Head: flatten the 2x3x2 feature map, or average it (more shift-invariant).",
+)
 @click.option("--no-resume", is_flag=True, help="Refuse to continue an existing checkpoint.")
 @input_options
 def train_command(
@@ -79,6 +86,7 @@ def train_command(
     seed: int,
     device: str,
     threads: int | None,
+    pooling: str,
     no_resume: bool,
     id_key_file: Path | None,
     patient_map: Path | None,
@@ -107,7 +115,7 @@ def train_command(
         batch_size=batch_size,
         lr=lr,
         seed=seed,  # type: ignore[arg-type]
-        spec=EncoderSpec(grid=cfg.grid),
+        spec=EncoderSpec(grid=cfg.grid, pooling=pooling),  # type: ignore[arg-type]
         preprocess=cfg,
     )
     click.echo(

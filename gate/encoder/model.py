@@ -11,6 +11,8 @@ one patient's anatomy from another's.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from monai.networks.nets import Regressor
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -36,6 +38,8 @@ class EncoderSpec(BaseModel):
         channels: feature channels per stage.
         dim: embedding size D.
         num_res_units: residual units per stage.
+        pooling: ``flatten`` keeps the coarse spatial layout before the linear layer (default);
+            ``mean`` averages over space first (more translation-invariant, less layout).
 
     """
 
@@ -45,6 +49,7 @@ class EncoderSpec(BaseModel):
     channels: tuple[int, ...] = DEFAULT_CHANNELS
     dim: int = DEFAULT_DIM
     num_res_units: int = 1
+    pooling: Literal["flatten", "mean"] = "flatten"
 
     @field_validator("channels")
     @classmethod
@@ -87,6 +92,10 @@ class Encoder3D(nn.Module):
             strides=(STRIDE,) * len(spec.channels),
             num_res_units=spec.num_res_units,
         )
+        if spec.pooling == "mean":
+            self.net.final = nn.Sequential(
+                nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(spec.channels[-1], spec.dim)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a batch.
