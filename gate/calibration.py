@@ -118,13 +118,17 @@ def per_patient_max(values: np.ndarray, patient_ids: list[str]) -> np.ndarray:
     return np.asarray(list(best.values()), dtype=np.float64)
 
 
-def leave_one_patient_out(vectors: np.ndarray, patient_ids: list[str], seed: int) -> Calibration:
+def leave_one_patient_out(
+    vectors: np.ndarray, patient_ids: list[str], seed: int, query_rows: np.ndarray | None = None
+) -> Calibration:
     """Each training patient's nearest similarity to the *other* training patients.
 
     Args:
         vectors: float32 (N, D) unit rows of the index.
         patient_ids: (N,) patient id of each row.
         seed: for sampling at most :data:`MAX_CALIBRATION_PATIENTS` patients.
+        query_rows: rows that stand for a patient as a new scan would arrive (an index with
+            poses: the as-read rows, pose 0); default all rows. Every row is searched.
 
     Raises:
         UsageError: fewer than two patients.
@@ -138,11 +142,10 @@ def leave_one_patient_out(vectors: np.ndarray, patient_ids: list[str], seed: int
         )
     number = {pid: i for i, pid in enumerate(unique)}
     groups = np.asarray([number[p] for p in patient_ids])
+    rows = np.arange(len(patient_ids)) if query_rows is None else np.asarray(query_rows, dtype=np.int64)
     if len(unique) > MAX_CALIBRATION_PATIENTS:
         chosen = np.random.default_rng(seed).choice(len(unique), MAX_CALIBRATION_PATIENTS, replace=False)
-        rows = np.flatnonzero(np.isin(groups, chosen))
-    else:
-        rows = np.arange(len(patient_ids))
+        rows = rows[np.isin(groups[rows], chosen)]
     sims = nearest_similarities(vectors[rows], vectors, groups[rows], groups)
     per_patient = per_patient_max(sims, [patient_ids[r] for r in rows])
     return _make(CalibrationMethod.LEAVE_ONE_PATIENT_OUT, per_patient)

@@ -7,7 +7,11 @@ An index directory holds three files and never goes into a bundle::
     manifest.json  IndexManifest: parameters, digests, pseudonymous patient id per row,
                    file and voxel hashes, calibration, self-test result
 
-Search is "HNSW proposes, exact cosine decides": hnswlib returns :data:`CANDIDATES` rows,
+Every training volume is indexed under the poses of a :class:`~gate.poses.PoseSet` (the
+identity, a flip, small shifts and turns; see :mod:`gate.poses`), one row per pose, all under
+the volume's patient id.
+
+Search is "HNSW proposes, exact cosine decides": hnswlib returns the manifest's ``candidates`` rows,
 their exact cosine similarity to the query is recomputed from ``vectors.npy`` (and checked
 against hnswlib's ``1 - cos``, converted here and nowhere else), rows are aggregated per
 patient (max), and the closest patients come back as :class:`~gate.values.Neighbours`.
@@ -40,6 +44,7 @@ from gate import __version__
 from gate.calibration import Calibration
 from gate.digest import sha256_file, sha256_voxels
 from gate.errors import IntegrityError, UsageError
+from gate.poses import IDENTITY_ONLY, PoseSet, apply_pose
 from gate.preprocess import PreprocessConfig, preprocess
 from gate.values import Embedding, Neighbours, Volume
 
@@ -51,7 +56,7 @@ DEFAULT_INDEX_DIR = Path(__file__).resolve().parent / "models" / "index"
 INDEX_FILE = "index.bin"
 VECTORS_FILE = "vectors.npy"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Manifest format this code writes and reads."""
 
 SPACE = "cosine"
@@ -73,9 +78,20 @@ number of candidates. Measured per query on one core, with re-ranking: 0.3 ms at
 100k, 3 ms at 1M rows (bench/index_bench.py)."""
 
 CANDIDATES = 64
-"""Rows retrieved from hnswlib before exact re-ranking. A patient rarely has more than a few
-volumes, so 64 rows cover the k <= 100 patients of any report in practice, and more rows are
-a cheap safety margin for the nearest one."""
+"""Rows retrieved from hnswlib before exact re-ranking (at least; see :func:`candidates_for`).
+A patient rarely has more than a few volumes, so 64 rows cover the k <= 100 patients of any
+report in practice, and more rows are a cheap safety margin for the nearest one."""
+
+CANDIDATE_VOLUMES_POSED = 16
+"""With P poses per volume, at least this many volumes' worth of rows (16 P) are retrieved,
+so the poses of one close patient cannot crowd the next patients out of a k = 5 report. The
+nearest row, which decides the verdict, is always among them (self-test)."""
+
+
+def candidates_for(count: int, n_poses: int) -> int:
+    """Rows to retrieve before re-ranking for an index of ``count`` rows with ``n_poses`` poses."""
+    return max(1, min(count, max(CANDIDATES, CANDIDATE_VOLUMES_POSED * n_poses)))
+
 
 DISTANCE_TOLERANCE = 1e-3
 """Max |hnswlib cosine - exact cosine| of a candidate. float32 dot products of unit vectors
@@ -126,7 +142,8 @@ class IndexRow(BaseModel):
     Attributes:
         patient_id: pseudonymous patient id.
         file_sha256: sha256 of the source file (of its files' digests for a DICOM series).
-        voxel_sha256: :func:`gate.digest.sha256_voxels` of the preprocessed grid.
+        voxel_sha256: :func:`gate.digest.sha256_voxels` of the preprocessed (re-posed) grid.
+        pose: position of the row's pose in the manifest's ``poses`` (0 = as read).
 
     """
 
@@ -135,6 +152,7 @@ class IndexRow(BaseModel):
     patient_id: str = Field(pattern=PSEUDONYM_PATTERN)
     file_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     voxel_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    pose: int = Field(default=0, ge=0)
 
 
 class SelfTest(BaseModel):
@@ -174,6 +192,8 @@ class IndexManifest(BaseModel):
     encoder_sha256: str
     preprocess_digest: str
     preprocess: PreprocessConfig
+    poses: PoseSet
+    poses_digest: str
     index_sha256: str
     vectors_sha256: str
     rows: tuple[IndexRow, ...]
@@ -197,24 +217,29 @@ class Probe:
     voxel_sha256: str
 
 
-def embed_volumes(volumes: Sequence[Volume], encoder: EmbeddingModel) -> list[Probe]:
-    """Preprocess once, hash the grid, embed in batches.
+def embed_volumes(
+    volumes: Sequence[Volume], encoder: EmbeddingModel, poses: PoseSet = IDENTITY_ONLY
+) -> list[Probe]:
+    """Preprocess once, re-pose, hash each grid, embed in batches.
 
     Args:
         volumes: as read from disk, any shape.
         encoder: the encoder (its preprocessing config is used).
+        poses: poses per volume (training volumes for an index); candidates use the default,
+            the identity alone.
 
     Returns:
-        One :class:`Probe` per volume, in order.
+        ``len(poses)`` :class:`Probe` per volume, volume-major (volume 0's poses first).
 
     Raises:
         IntegrityError: the encoder returned a non-finite or non-unit vector.
 
     """
     probes: list[Probe] = []
-    for start in range(0, len(volumes), EMBED_BATCH):
-        chunk = volumes[start : start + EMBED_BATCH]
-        grids = [preprocess(v, encoder.preprocess).data for v in chunk]
+    posed = [(vol, grid) for vol in volumes for grid in _posed_grids(vol, encoder.preprocess, poses)]
+    for start in range(0, len(posed), EMBED_BATCH):
+        chunk = [vol for vol, _ in posed[start : start + EMBED_BATCH]]
+        grids = [grid for _, grid in posed[start : start + EMBED_BATCH]]
         batch = np.stack(grids)[:, None].astype(np.float32, copy=False)
         vectors = np.asarray(encoder.embed_array(batch))
         if vectors.shape != (len(chunk), encoder.dim) or not np.all(np.isfinite(vectors)):
@@ -233,12 +258,17 @@ def embed_volumes(volumes: Sequence[Volume], encoder: EmbeddingModel) -> list[Pr
     return probes
 
 
-def _new_graph(vectors: np.ndarray, seed: int) -> hnswlib.Index:
+def _posed_grids(volume: Volume, config: PreprocessConfig, poses: PoseSet) -> list[np.ndarray]:
+    grid = preprocess(volume, config).data
+    return [apply_pose(grid, pose) for pose in poses.poses]
+
+
+def _new_graph(vectors: np.ndarray, seed: int, candidates: int) -> hnswlib.Index:
     graph = hnswlib.Index(space=SPACE, dim=vectors.shape[1])
     graph.init_index(max_elements=len(vectors), ef_construction=EF_CONSTRUCTION, M=HNSW_M, random_seed=seed)
     graph.set_num_threads(BUILD_THREADS)
     graph.add_items(vectors, np.arange(len(vectors)))
-    graph.set_ef(max(EF_SEARCH, CANDIDATES))
+    graph.set_ef(max(EF_SEARCH, candidates))
     return graph
 
 
@@ -254,7 +284,7 @@ def _planted_copies(vectors: np.ndarray, rows: np.ndarray, cosine: float, seed: 
 
 
 def _top_rows(
-    graph: hnswlib.Index, vectors: np.ndarray, queries: np.ndarray
+    graph: hnswlib.Index, vectors: np.ndarray, queries: np.ndarray, candidates: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate rows (Q, C) and their exact cosine similarities (Q, C), checked against hnswlib.
 
@@ -263,7 +293,7 @@ def _top_rows(
             the exact vectors (corrupted graph, wrong dimension).
 
     """
-    n = min(CANDIDATES, len(vectors))
+    n = min(candidates, len(vectors))
     labels, distances = graph.knn_query(queries, k=n)
     labels = labels.astype(np.int64)
     if not np.all(np.isfinite(distances)):
@@ -279,7 +309,9 @@ def _top_rows(
     return labels, np.clip(exact, -1.0, 1.0)
 
 
-def run_self_test(graph: hnswlib.Index, vectors: np.ndarray, probes: int, seed: int) -> SelfTest:
+def run_self_test(
+    graph: hnswlib.Index, vectors: np.ndarray, probes: int, seed: int, candidates: int = CANDIDATES
+) -> SelfTest:
     """Plant perturbed copies of training rows and check each comes back as its source.
 
     A probe is a hit when the top re-ranked row is its source or a row at least as similar
@@ -290,6 +322,7 @@ def run_self_test(graph: hnswlib.Index, vectors: np.ndarray, probes: int, seed: 
         vectors: float32 (N, D) unit rows.
         probes: copies per cosine level (capped at N).
         seed: chooses the rows and the perturbation directions.
+        candidates: rows retrieved per query before re-ranking (as in search).
 
     """
     rng = np.random.default_rng(seed)
@@ -298,7 +331,7 @@ def run_self_test(graph: hnswlib.Index, vectors: np.ndarray, probes: int, seed: 
     hits = total = 0
     for i, cosine in enumerate(SELF_TEST_COSINES):
         queries = _planted_copies(vectors, rows, cosine, seed + 1 + i)
-        labels, sims = _top_rows(graph, vectors, queries)
+        labels, sims = _top_rows(graph, vectors, queries, candidates)
         src_sim = (vectors[rows].astype(np.float64) * queries.astype(np.float64)).sum(axis=1)
         best = sims.max(axis=1)
         hit = (labels[np.arange(n), sims.argmax(axis=1)] == rows) | (best >= src_sim - 1e-6)
@@ -316,17 +349,20 @@ def build_index(
     out_dir: Path,
     calibration: Calibration,
     seed: int = DEFAULT_SEED,
+    poses: PoseSet = IDENTITY_ONLY,
 ) -> IndexManifest:
     """Build the graph, self-test it, and write the index directory atomically.
 
     Args:
-        probes: one per training volume (from :func:`embed_volumes`).
+        probes: ``len(poses)`` per training volume, volume-major (from :func:`embed_volumes`
+            with the same ``poses``).
         patient_ids: pseudonymous patient id per volume (several volumes may share one).
         file_sha256s: sha256 of each volume's source file.
         encoder: the encoder the probes came from.
         out_dir: must not exist; built under a temporary name beside it and renamed.
         calibration: from :mod:`gate.calibration` (holdout or leave-one-patient-out).
         seed: hnswlib level seed and self-test seed.
+        poses: the poses the probes were embedded under (recorded in the manifest).
 
     Returns:
         The written manifest.
@@ -341,10 +377,11 @@ def build_index(
         raise UsageError(
             f"{out_dir}: already exists; choose a new --out folder (indexes are never overwritten)"
         )
-    if not probes or not len(probes) == len(patient_ids) == len(file_sha256s):
+    n_poses = len(poses)
+    if not probes or not len(probes) == n_poses * len(patient_ids) == n_poses * len(file_sha256s):
         raise UsageError(
-            f"need one patient id and file hash per volume; got {len(probes)} volumes, "
-            f"{len(patient_ids)} ids, {len(file_sha256s)} hashes"
+            f"need one patient id and file hash per volume and {n_poses} probe(s) per volume; got "
+            f"{len(probes)} probes, {len(patient_ids)} ids, {len(file_sha256s)} hashes"
         )
     for pid in patient_ids:
         if not re.fullmatch(PSEUDONYM_PATTERN, pid):
@@ -358,13 +395,19 @@ def build_index(
                 f"{p.embedding.source}: embedded by another encoder than {encoder.sha256[:12]}"
             )
     rows = tuple(
-        IndexRow(patient_id=pid, file_sha256=fsha, voxel_sha256=p.voxel_sha256)
-        for p, pid, fsha in zip(probes, patient_ids, file_sha256s, strict=True)
+        IndexRow(
+            patient_id=patient_ids[i // n_poses],
+            file_sha256=file_sha256s[i // n_poses],
+            voxel_sha256=p.voxel_sha256,
+            pose=i % n_poses,
+        )
+        for i, p in enumerate(probes)
     )
     vectors = np.stack([p.embedding.vector for p in probes]).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    graph = _new_graph(vectors, seed)
-    self_test = run_self_test(graph, vectors, SELF_TEST_PROBES, seed)
+    candidates = candidates_for(len(vectors), n_poses)
+    graph = _new_graph(vectors, seed, candidates)
+    self_test = run_self_test(graph, vectors, SELF_TEST_PROBES, seed, candidates)
     log.info("self-test recall@1 %.4f over %d probes x %d levels", self_test.recall_at_1, self_test.probes, 3)
     if not self_test.passed:
         raise IntegrityError(
@@ -383,14 +426,16 @@ def build_index(
             dim=vectors.shape[1],
             M=HNSW_M,
             ef_construction=EF_CONSTRUCTION,
-            ef=max(EF_SEARCH, CANDIDATES),
-            candidates=CANDIDATES,
+            ef=max(EF_SEARCH, candidates),
+            candidates=candidates,
             count=len(vectors),
             n_patients=len(set(patient_ids)),
             seed=seed,
             encoder_sha256=encoder.sha256,
             preprocess_digest=encoder.preprocess.digest,
             preprocess=encoder.preprocess,
+            poses=poses,
+            poses_digest=poses.digest,
             index_sha256=sha256_file(tmp / INDEX_FILE),
             vectors_sha256=sha256_file(tmp / VECTORS_FILE),
             rows=rows,
@@ -480,7 +525,7 @@ class TrainingIndex:
             raise IntegrityError(
                 f"{index_dir / INDEX_FILE}: the graph's vectors differ from {VECTORS_FILE}; rebuild the index"
             )
-        check = run_self_test(graph, vectors, LOAD_SELF_TEST_PROBES, manifest.seed + 7)
+        check = run_self_test(graph, vectors, LOAD_SELF_TEST_PROBES, manifest.seed + 7, manifest.candidates)
         if not check.passed:
             raise IntegrityError(
                 f"{index_dir}: self-test after load failed "
@@ -505,7 +550,7 @@ class TrainingIndex:
                     f"{emb.source}: embedding dimension {emb.dim}; index expects {self.manifest.dim}"
                 )
         queries = np.stack([e.vector for e in embeddings]).astype(np.float32)
-        labels, sims = _top_rows(self._graph, self.vectors, queries)
+        labels, sims = _top_rows(self._graph, self.vectors, queries, self.manifest.candidates)
         out = []
         for row_labels, row_sims, voxel in zip(labels, sims, voxel_sha256s, strict=True):
             best: dict[str, float] = {}
@@ -589,6 +634,17 @@ def _check_compatible(index_dir: Path, manifest: IndexManifest, encoder: Embeddi
         raise IntegrityError(
             f"{index_dir}: build self-test recall@1 {manifest.self_test.recall_at_1:.4f} < 1.0; refusing an "
             "index that misses near-copies; rebuild it"
+        )
+    if manifest.poses.digest != manifest.poses_digest:
+        raise IntegrityError(
+            f"{index_dir}: poses digest {manifest.poses_digest[:12]}… does not match the recorded poses "
+            f"({manifest.poses.digest[:12]}…); the manifest was edited; rebuild the index"
+        )
+    if manifest.count % len(manifest.poses) or any(
+        r.pose != i % len(manifest.poses) for i, r in enumerate(manifest.rows)
+    ):
+        raise IntegrityError(
+            f"{index_dir}: rows are not {len(manifest.poses)} poses per training volume; rebuild the index"
         )
     if len(manifest.rows) != manifest.count:
         raise IntegrityError(

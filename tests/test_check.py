@@ -11,6 +11,7 @@ from click.testing import CliRunner
 import gate.cli.check
 import gate.cli.index
 from gate.cli import main
+from gate.poses import DEFAULT_POSES
 from tests.index_helpers import ProjectionEncoder
 from tests.volumes import make_blob, write_nifti
 
@@ -40,7 +41,9 @@ def index_dir(runner: CliRunner, train_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "index"
     result = runner.invoke(main, ["index", "build", "--data", str(train_dir), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert f"volumes {N_TRAIN}, patients {N_TRAIN}, dim 16" in result.output
+    rows = N_TRAIN * len(DEFAULT_POSES)
+    assert f"volumes {N_TRAIN}, rows {rows}, patients {N_TRAIN}, dim 16" in result.output
+    assert f"poses {len(DEFAULT_POSES)}," in result.output
     assert "self-test recall@1 1.0000" in result.output
     assert "calibration (leave_one_patient_out, 8 patients)" in result.output
     return out

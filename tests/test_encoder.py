@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gate.embed import Encoder
-from gate.encoder.augment import AugmentConfig, augment, gaussian_blur, spatial
+from gate.encoder.augment import AugmentConfig, augment, border_cut, gaussian_blur, spatial
 from gate.encoder.export import export_encoder
 from gate.encoder.model import EncoderSpec, build_encoder
 from gate.encoder.ssim import ssim3d, ssim_matrix
@@ -31,6 +31,7 @@ NONE = AugmentConfig(
     bias=0.0,
     blur_sigma=0.0,
     noise_std=0.0,
+    border_cut_vox=0,
 )
 
 
@@ -79,6 +80,19 @@ def test_rotation_by_90_degrees_is_rot90() -> None:
     y = spatial(x, torch.tensor([[0.0, 0.0, math.pi / 2]]), shift, scale, flip)
     candidates = [torch.rot90(x, k, dims=(2, 3)) for k in (1, -1)]
     assert min(float((y - c).abs().max()) for c in candidates) < 1e-4
+
+
+def test_border_cut_zeroes_one_slab_per_axis() -> None:
+    x = torch.ones((64, 1, *GRID))
+    y = border_cut(x, 4, torch.Generator().manual_seed(0))
+    for axis in range(3):
+        other = tuple(a for a in (2, 3, 4) if a != 2 + axis)
+        zero_planes = (y.amax(dim=(1, *other)) == 0).sum(dim=1)  # (N,) planes cut along this axis
+        assert int(zero_planes.max()) == 4 and int(zero_planes.min()) == 0
+    # what is not cut is untouched, and only border planes are cut
+    assert torch.all((y == 0) | (y == 1))
+    assert torch.all(y[:, :, 4:-4, 4:-4, 4:-4] == 1)
+    torch.testing.assert_close(border_cut(x, 0, torch.Generator().manual_seed(0)), x)
 
 
 def test_augment_ranges_and_reproducibility() -> None:

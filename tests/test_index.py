@@ -24,8 +24,11 @@ from gate.index import (
     build_index,
     embed_volumes,
 )
-from gate.values import Embedding
+from gate.poses import DEFAULT_POSES, IDENTITY_ONLY, Pose, PoseSet, apply_pose
+from gate.preprocess import preprocess
+from gate.values import Embedding, Volume
 from tests.index_helpers import ProjectionEncoder, build_from_vectors, pid, unit_rows
+from tests.volumes import make_blob
 
 DIM = 16
 
@@ -205,7 +208,7 @@ def test_refuses_missing_or_foreign_manifest(
     with pytest.raises(IntegrityError, match=r"manifest.json: not found; expected an index folder"):
         TrainingIndex.load(tmp_path / "nowhere", encoder)
     _edit_manifest(index_dir, format_version=99)
-    with pytest.raises(IntegrityError, match=r"format_version 99; this gate reads 1; rebuild it"):
+    with pytest.raises(IntegrityError, match=r"format_version 99; this gate reads 2; rebuild it"):
         TrainingIndex.load(index_dir, encoder)
 
 
@@ -244,8 +247,8 @@ def test_self_test_failure_refuses_build(
 ) -> None:
     real = gindex._top_rows
 
-    def lossy(graph, vecs, queries):  # drop the best candidate: a simulated ANN miss
-        labels, sims = real(graph, vecs, queries)
+    def lossy(graph, vecs, queries, candidates):  # drop the best candidate: a simulated ANN miss
+        labels, sims = real(graph, vecs, queries, candidates)
         worst = sims.argmin(axis=1)
         return labels[np.arange(len(labels)), worst][:, None], sims[np.arange(len(sims)), worst][:, None]
 
@@ -305,3 +308,75 @@ def test_holdout_calibration_refuses_overlap() -> None:
     assert cal.method is CalibrationMethod.HOLDOUT and cal.n_patients == 2
     with pytest.raises(UsageError, match=r"1 holdout patient\(s\) also occur in the training data"):
         holdout(v[:2], [pid(0), pid(11)], v[2:], [pid(i) for i in range(4)])
+
+
+# ---------------------------------------------------------------- poses
+
+
+def _posed_world(tmp_path: Path, poses: PoseSet) -> tuple[TrainingIndex, ProjectionEncoder, list[Volume]]:
+    """An index of 8 blob volumes (12^3 grid) under ``poses``, with LOPO calibration on as-read rows."""
+    enc = ProjectionEncoder(dim=32, grid=(12, 12, 12))
+    vols = [
+        Volume(make_blob((12, 12, 12), seed=i), np.eye(4), (1.0, 1.0, 1.0), f"v{i}", pid(i)) for i in range(8)
+    ]
+    probes = embed_volumes(vols, enc, poses)
+    assert len(probes) == len(vols) * len(poses)
+    vecs = np.stack([p.embedding.vector for p in probes])
+    row_ids = [v.patient_id for v in vols for _ in range(len(poses))]
+    cal = leave_one_patient_out(vecs, row_ids, 0, query_rows=np.arange(0, len(vecs), len(poses)))
+    out = tmp_path / f"idx-{len(poses)}"
+    build_index(probes, [v.patient_id for v in vols], ["ab" * 32] * len(vols), enc, out, cal, poses=poses)
+    return TrainingIndex.load(out, enc), enc, vols
+
+
+def test_posed_index_finds_shifted_copies(tmp_path: Path) -> None:
+    posed, enc, vols = _posed_world(tmp_path, DEFAULT_POSES)
+    plain, _, _ = _posed_world(tmp_path, IDENTITY_ONLY)
+    m = posed.manifest
+    assert m.count == 8 * len(DEFAULT_POSES) and m.n_patients == 8 and m.poses == DEFAULT_POSES
+    assert m.poses_digest == DEFAULT_POSES.digest and [r.pose for r in m.rows[:3]] == [0, 1, 2]
+    assert m.candidates == min(m.count, 16 * len(DEFAULT_POSES)) and m.ef >= m.candidates
+    assert m.calibration.n_patients == 8
+    grid = preprocess(vols[3], enc.preprocess).data
+    shifted = apply_pose(grid, Pose(translate_vox=(0.0, 3.0, 0.0)))
+    (emb,) = [p.embedding for p in embed_volumes([Volume(shifted, np.eye(4), (1.0,) * 3, "c", pid(99))], enc)]
+    near_posed, near_plain = posed.search(emb), plain.search(emb)
+    assert near_posed.patient_ids[0] == pid(3)
+    assert near_posed.similarities[0] == pytest.approx(1.0, abs=1e-5)
+    assert near_plain.similarities[0] < near_posed.similarities[0] - 0.05
+
+
+def test_posed_index_refuses_edited_poses(tmp_path: Path) -> None:
+    _, enc, _ = _posed_world(tmp_path, DEFAULT_POSES)
+    index_dir = tmp_path / f"idx-{len(DEFAULT_POSES)}"
+    data = json.loads((index_dir / MANIFEST_FILE).read_text())
+    data["poses"]["poses"][2]["translate_vox"] = [9.0, 0.0, 0.0]
+    (index_dir / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match=r"poses digest [0-9a-f]{12}… does not match the recorded poses"):
+        TrainingIndex.load(index_dir, enc)
+
+
+def test_build_refuses_probe_count_not_matching_poses(tmp_path: Path, encoder: ProjectionEncoder) -> None:
+    v = unit_rows(10, DIM)
+    probes = [Probe(Embedding(x, encoder.sha256), "a" * 64) for x in v]
+    cal = leave_one_patient_out(v, [pid(i) for i in range(10)], 0)
+    with pytest.raises(UsageError, match=r"and 46 probe\(s\) per volume; got 10 probes, 10 ids, 10 hashes"):
+        build_index(
+            probes,
+            [pid(i) for i in range(10)],
+            ["a" * 64] * 10,
+            encoder,
+            tmp_path / "n",
+            cal,
+            poses=DEFAULT_POSES,
+        )
+
+
+def test_leave_one_patient_out_queries_only_given_rows() -> None:
+    rows = np.asarray([[1, 0], [0.8, 0.6], [0.6, 0.8], [0, 1]], dtype=np.float32)
+    # two patients, two rows each; row 1 (a pose of patient 0) is what makes patient 1 look close
+    ids = [pid(0), pid(0), pid(1), pid(1)]
+    all_rows = leave_one_patient_out(rows, ids, 0)
+    as_read = leave_one_patient_out(rows, ids, 0, query_rows=np.asarray([0, 2]))
+    assert all_rows.similarities == pytest.approx((0.96, 0.96))
+    assert as_read.similarities == pytest.approx((0.6, 0.96))

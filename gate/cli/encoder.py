@@ -282,6 +282,15 @@ def export_command(
     help="Candidates per family scored by the (slow) 3D SSIM baseline.",
 )
 @click.option("--no-sweep", is_flag=True, help="Default severities only.")
+@click.option(
+    "--poses",
+    "poses_name",
+    type=click.Choice(["default", "none"]),
+    default="default",
+    show_default=True,
+    help="Also score each encoder as `gate index build` indexes it: training volumes under these "
+    "poses (reported as NAME+poses).",
+)
 @click.option("--no-baselines", is_flag=True, help="Skip Pearson, SSIM and the untrained encoder.")
 @click.option(
     "--write-split",
@@ -306,6 +315,7 @@ def eval_command(
     seed: int,
     ssim_subset: int,
     no_sweep: bool,
+    poses_name: str,
     no_baselines: bool,
     write_split: Path | None,
     out_dir: Path | None,
@@ -326,6 +336,7 @@ def eval_command(
     from gate.encoder import benchmark as bm
     from gate.encoder.model import EncoderSpec, build_encoder
     from gate.errors import UsageError
+    from gate.poses import POSE_SETS
     from gate.preprocess import PreprocessConfig, preprocess_batch
     from gate.volume import discover, read_volumes
 
@@ -363,6 +374,8 @@ def eval_command(
             raise UsageError(f"{path}: encoder preprocessing differs from the default; not comparable")
         on_split[name] = enc.manifest.training.get("data_digest") == train_digest
         scorers.append(bm.EmbeddingScorer(name, enc.embed_array))
+        if poses_name != "none":
+            scorers.append(bm.EmbeddingScorer(f"{name}+poses", enc.embed_array, POSE_SETS[poses_name]))
     if not no_baselines:
         untrained = build_encoder(EncoderSpec(grid=cfg.grid), seed=0)
 
@@ -395,6 +408,7 @@ def eval_command(
             "train_digest": train_digest,
             "encoder_trained_on_train_split": on_split,
             "ssim_subset": ssim_subset,
+            "poses": poses_name,
         }
     )
     table = bm.markdown_table(result)

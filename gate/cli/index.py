@@ -14,6 +14,7 @@ from gate.cli.options import input_options, read_options
 from gate.digest import sha256_file, sha256_json
 from gate.errors import ExitCode, InputError
 from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index, embed_volumes
+from gate.poses import POSE_SETS
 from gate.values import Volume
 from gate.volume import ReadOptions, discover, read_volumes
 
@@ -122,6 +123,15 @@ def index() -> None:
     help="Volumes of other real patients, for calibration; default: leave-one-patient-out.",
 )
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="hnswlib and self-test seed.")
+@click.option(
+    "--poses",
+    "poses_name",
+    type=click.Choice(sorted(POSE_SETS)),
+    default="default",
+    show_default=True,
+    help="Index every training volume under these poses (default: identity, flip, shifts of 1.5-3 "
+    "voxels, turns of 5-10 degrees; see gate.poses) or as read only (none).",
+)
 @input_options
 def build(
     data: tuple[Path, ...],
@@ -129,6 +139,7 @@ def build(
     out_dir: Path,
     holdout_paths: tuple[Path, ...],
     seed: int,
+    poses_name: str,
     device: str,
     id_key_file: Path | None,
     patient_map: Path | None,
@@ -148,24 +159,31 @@ def build(
         held, _, more = read_all(list(holdout_paths), options)
         errors.extend(more)
     _fail_on(errors)
-    click.echo(f"embedding {len(volumes)} training volume(s) with encoder {encoder.sha256[:12]}…")
-    probes = embed_volumes(volumes, encoder)
+    poses = POSE_SETS[poses_name]
+    click.echo(
+        f"embedding {len(volumes)} training volume(s) x {len(poses)} pose(s) with encoder "
+        f"{encoder.sha256[:12]}…"
+    )
+    probes = embed_volumes(volumes, encoder, poses)
     patient_ids = [v.patient_id for v in volumes]
+    row_patient_ids = [pid for pid in patient_ids for _ in range(len(poses))]
     vectors = _matrix(probes)
     calibration: Calibration
     if held:
         click.echo(f"calibrating on {len(held)} holdout volume(s)")
         calibration = holdout(
-            _matrix(embed_volumes(held, encoder)), [v.patient_id for v in held], vectors, patient_ids
+            _matrix(embed_volumes(held, encoder)), [v.patient_id for v in held], vectors, row_patient_ids
         )
     else:
-        calibration = leave_one_patient_out(vectors, patient_ids, seed)
-    manifest = build_index(probes, patient_ids, hashes, encoder, out_dir, calibration, seed)
+        as_read = np.arange(0, len(vectors), len(poses))
+        calibration = leave_one_patient_out(vectors, row_patient_ids, seed, query_rows=as_read)
+    manifest = build_index(probes, patient_ids, hashes, encoder, out_dir, calibration, seed, poses)
     p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
     click.echo(f"index: {out_dir}")
     click.echo(
-        f"  volumes {manifest.count}, patients {manifest.n_patients}, dim {manifest.dim}, "
-        f"M {manifest.M}, ef {manifest.ef}, candidates {manifest.candidates}"
+        f"  volumes {len(volumes)}, rows {manifest.count}, patients {manifest.n_patients}, "
+        f"dim {manifest.dim}, poses {len(manifest.poses)}, M {manifest.M}, ef {manifest.ef}, "
+        f"candidates {manifest.candidates}"
     )
     click.echo(
         f"  self-test recall@1 {manifest.self_test.recall_at_1:.4f} "

@@ -20,6 +20,8 @@ contrast           (x - mean) * c + mean, c in 0.75..1.25
 bias field         x * exp(b), b a smooth field (control grid 2x3x2) with |b| <= 0.3
 blur               Gaussian, sigma 0..1.0 voxel
 noise              additive Gaussian, sigma 0..0.05 (intensities are in [0, 1])
+border cut         zero a slab of 0..4 voxels (integer) at one random side of each axis, as
+                   the zero padding left by a crop window that was cut short
 =================  ==========================================================================
 """
 
@@ -46,6 +48,7 @@ class AugmentConfig(BaseModel):
         bias: maximum absolute log-bias of the multiplicative field.
         blur_sigma: maximum Gaussian blur sigma, voxels.
         noise_std: maximum additive noise standard deviation.
+        border_cut_vox: maximum width (voxels) of the zeroed slab per axis; 0 disables it.
 
     """
 
@@ -61,6 +64,7 @@ class AugmentConfig(BaseModel):
     bias: float = 0.3
     blur_sigma: float = 1.0
     noise_std: float = 0.05
+    border_cut_vox: int = 4
 
 
 ELASTIC_CONTROL = (4, 6, 4)
@@ -237,4 +241,35 @@ def augment(x: torch.Tensor, config: AugmentConfig, gen: torch.Generator) -> tor
     y = gaussian_blur(y, _uniform(n, 0.0, config.blur_sigma, gen, dev))
     noise = _uniform(n, 0.0, config.noise_std, gen, dev).view(n, 1, 1, 1, 1)
     y = y + noise * torch.randn(y.shape, generator=gen, device=dev)
-    return y.clamp(0, 1)
+    return border_cut(y.clamp(0, 1), config.border_cut_vox, gen)
+
+
+def border_cut(x: torch.Tensor, max_vox: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero a slab at one random side of every axis, per sample.
+
+    A crop window cut short on one side and re-centred on the fixed grid leaves such zero
+    slabs (the detection benchmark's ``crop_shift`` family); training on them teaches the
+    encoder that a zero border is not anatomy.
+
+    Args:
+        x: (N, 1, X, Y, Z).
+        max_vox: slab width drawn uniformly from 0..max_vox (integers) per sample and axis.
+        gen: seeded generator on ``x.device``.
+
+    Returns:
+        (N, 1, X, Y, Z), ``x`` with the slabs set to 0.
+
+    """
+    n, dev = x.shape[0], x.device
+    width = torch.randint(0, max_vox + 1, (n, 3), generator=gen, device=dev)
+    high_side = torch.rand((n, 3), generator=gen, device=dev) < 0.5
+    keep = torch.ones_like(x, dtype=torch.bool)
+    for axis in range(3):
+        size = x.shape[2 + axis]
+        idx = torch.arange(size, device=dev).view(1, size)
+        w = width[:, axis : axis + 1]
+        cut = torch.where(high_side[:, axis : axis + 1], idx >= size - w, idx < w)  # (N, size)
+        view = [n, 1, 1, 1, 1]
+        view[2 + axis] = size
+        keep &= ~cut.view(view)
+    return x * keep

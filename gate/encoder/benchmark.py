@@ -33,6 +33,7 @@ import torch
 
 from gate.encoder.augment import BIAS_CONTROL, ELASTIC_CONTROL, gaussian_blur, smooth_field, spatial
 from gate.encoder.ssim import set_stats, ssim_to_set
+from gate.poses import IDENTITY_ONLY, PoseSet, apply_pose
 from gate.preprocess import PreprocessConfig, preprocess
 from gate.values import Volume
 
@@ -225,13 +226,23 @@ class Scorer:
 
 
 class EmbeddingScorer(Scorer):
-    """Cosine similarity of unit embeddings (an ONNX :class:`gate.embed.Encoder` or torch)."""
+    """Cosine similarity of unit embeddings (an ONNX :class:`gate.embed.Encoder` or torch).
 
-    def __init__(self, name: str, embed: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.name, self._embed = name, embed
+    With ``poses``, every training grid is also embedded under each pose (as
+    ``gate index build`` does, :mod:`gate.poses`) and a candidate's score is its max over all.
+    """
+
+    def __init__(
+        self, name: str, embed: Callable[[np.ndarray], np.ndarray], poses: PoseSet = IDENTITY_ONLY
+    ) -> None:
+        self.name, self._embed, self._poses = name, embed, poses
 
     def fit(self, train: np.ndarray) -> None:  # noqa: D102
-        self._ref = self._embed(train).astype(np.float64)
+        refs = []
+        for pose in self._poses.poses:
+            posed = np.stack([apply_pose(g[0], pose) for g in train])[:, None]
+            refs.append(self._embed(np.ascontiguousarray(posed, dtype=np.float32)).astype(np.float64))
+        self._ref = np.concatenate(refs)
 
     def score(self, candidates: np.ndarray) -> np.ndarray:  # noqa: D102
         return (self._embed(candidates).astype(np.float64) @ self._ref.T).max(axis=1)

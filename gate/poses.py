@@ -1,0 +1,153 @@
+"""Index poses: each training volume is indexed under a fixed set of rigid poses.
+
+A generator that memorised a patient may emit the copy flipped, turned a few degrees or
+shifted by a few millimetres. The encoder is trained to be invariant to such changes, but only
+partly so (docs/encoder.md: a 3-voxel shift of a 32x48x32 crop moves a copy further from its
+source than the nearest *other* patient is). So the index stores, for every training volume,
+the embeddings of a fixed set of re-posed copies, all under the volume's patient id: a
+candidate that is a re-posed copy lands close to one of them, and the patient-level max in
+:mod:`gate.index` picks it up. A real new patient also gets more chances to look close, which
+the calibration sees, because calibration queries the same posed index (so the thresholds rise
+with it; the detection benchmark measures the net effect).
+
+Pure numpy + scipy (``gate check`` and ``gate index build`` must not need torch). The pose
+set is data: it is stored in the index manifest and has a digest.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage
+
+from gate.digest import sha256_json
+
+
+class Pose(BaseModel):
+    """One rigid re-posing of a grid, applied as flip, then rotation, then translation.
+
+    Attributes:
+        flip: mirror axis X (left-right) first.
+        rotate_deg: angles about X, Y, Z in degrees (matrix Rz @ Ry @ Rx, about the grid
+            centre, in voxel units).
+        translate_vox: shift along X, Y, Z in voxels (mm at the 1 mm grid).
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flip: bool = False
+    rotate_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    translate_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def is_identity(self) -> bool:
+        """True for the unchanged grid."""
+        return not self.flip and not any(self.rotate_deg) and not any(self.translate_vox)
+
+
+class PoseSet(BaseModel):
+    """The poses every training volume is indexed under; the first is the identity.
+
+    Attributes:
+        poses: at least one pose; ``poses[0]`` must be the identity (the volume as read).
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    poses: tuple[Pose, ...] = Field(min_length=1)
+
+    def model_post_init(self, __context: object) -> None:  # noqa: D102
+        if not self.poses[0].is_identity:
+            raise ValueError("the first pose of a PoseSet must be the identity")
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the pose list."""
+        return sha256_json(self.model_dump(mode="json"))
+
+    def __len__(self) -> int:
+        return len(self.poses)
+
+
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    """(3,) angles about X, Y, Z -> (3, 3) matrix Rz @ Ry @ Rx (as gate.encoder.augment)."""
+    cx, cy, cz = np.cos(angles_rad)
+    sx, sy, sz = np.sin(angles_rad)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def apply_pose(grid: np.ndarray, pose: Pose) -> np.ndarray:
+    """Re-pose one preprocessed grid (trilinear, zeros outside), as the training augmentation does.
+
+    Args:
+        grid: float32 (X, Y, Z) in [0, 1].
+        pose: the pose.
+
+    Returns:
+        float32 (X, Y, Z); ``grid`` itself (not a copy) for the identity pose.
+
+    """
+    if pose.is_identity:
+        return grid
+    src = grid[::-1] if pose.flip else grid
+    if not any(pose.rotate_deg) and not any(pose.translate_vox):
+        return np.ascontiguousarray(src, dtype=np.float32)
+    half = (np.asarray(grid.shape, dtype=np.float64) - 1.0) / 2.0
+    rot = _rotation(np.radians(np.asarray(pose.rotate_deg, dtype=np.float64)))
+    t = np.asarray(pose.translate_vox, dtype=np.float64)
+    # output voxel o -> input voxel R^T (o - c - t) + c
+    matrix = rot.T
+    offset = half - rot.T @ (half + t)
+    out = ndimage.affine_transform(
+        np.ascontiguousarray(src, dtype=np.float32), matrix, offset=offset, order=1, mode="constant", cval=0.0
+    )
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _default_poses() -> PoseSet:
+    poses = [Pose(), Pose(flip=True)]
+    for axis in range(3):
+        for step in (-3.0, -1.5, 1.5, 3.0):
+            t = [0.0, 0.0, 0.0]
+            t[axis] = step
+            poses.append(Pose(translate_vox=(t[0], t[1], t[2])))
+    d = 3.0 / math.sqrt(2.0)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        for sa in (-1.0, 1.0):
+            for sb in (-1.0, 1.0):
+                t = [0.0, 0.0, 0.0]
+                t[a], t[b] = sa * d, sb * d
+                poses.append(Pose(translate_vox=(t[0], t[1], t[2])))
+    c = 3.0 / math.sqrt(3.0)
+    for sx in (-1.0, 1.0):
+        for sy in (-1.0, 1.0):
+            for sz in (-1.0, 1.0):
+                poses.append(Pose(translate_vox=(sx * c, sy * c, sz * c)))
+    for axis in range(3):
+        for deg in (-10.0, -5.0, 5.0, 10.0):
+            r = [0.0, 0.0, 0.0]
+            r[axis] = deg
+            poses.append(Pose(rotate_deg=(r[0], r[1], r[2])))
+    return PoseSet(poses=tuple(poses))
+
+
+DEFAULT_POSES = _default_poses()
+"""Identity; left-right flip; translations of 1.5 and 3 voxels along each axis and of 3 voxels
+along the 12 edge and 8 corner diagonals; rotations of 5 and 10 degrees either way about each
+axis: 46 poses. The sizes are the edge of the encoder's training augmentation (3 voxels,
+10 degrees), where its own invariance runs out; the spacing (<= 1.5 voxels, 5 degrees) is what
+the encoder does absorb (docs/encoder.md: TPR at FPR 1% 0.79 at 5 degrees)."""
+
+IDENTITY_ONLY = PoseSet(poses=(Pose(),))
+"""No extra poses: the index holds each training volume once."""
+
+POSE_SETS: dict[str, PoseSet] = {"default": DEFAULT_POSES, "none": IDENTITY_ONLY}
+"""Named pose sets for ``gate index build --poses``."""
