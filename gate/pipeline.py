@@ -35,6 +35,7 @@ from gate.digest import sha256_voxels
 from gate.errors import ExitCode, IntegrityError, UsageError
 from gate.index import TrainingIndex, embed_volumes
 from gate.policy import LoadedPolicy
+from gate.report import quarantine_candidate
 from gate.values import Decision, Grade, Verdict
 
 if TYPE_CHECKING:
@@ -65,7 +66,11 @@ GENERATOR_NAME = "MONAI 3D latent diffusion (AutoencoderKL + DiffusionModelUNet,
 MEMORIZATION_FILE = "memorization.json"
 """Per-run Dar et al. statistics written into the bundle (shares only, no ids)."""
 
-STAGES = ("load", "generate", "embed", "search", "decide", "audit", "export")
+QUARANTINE_DIR_NAME = "quarantine"
+"""Candidates that were not exported go to ``<out root>/quarantine/<run id>/`` (internal, outside
+every bundle), one ``<candidate sha256>.nii.gz`` each, for ``gate audit report``."""
+
+STAGES = ("load", "generate", "embed", "search", "decide", "audit", "quarantine", "export")
 """Timed stages, in order, as reported in the summary."""
 
 
@@ -88,6 +93,9 @@ class GenerateRequest:
         out_root: folder receiving the bundle ``gate-<run id>``.
         audit_log: audit log path (None = ``out_root / audit.jsonl``).
         run_id: None = :func:`new_run_id`.
+        quarantine: keep every candidate that is not exported (flagged or rejected) under
+            ``quarantine_root / <run id>`` for the privacy reviewer's report.
+        quarantine_root: None = ``out_root / quarantine``.
 
     """
 
@@ -100,6 +108,8 @@ class GenerateRequest:
     out_root: Path = DEFAULT_OUT_ROOT
     audit_log: Path | None = None
     run_id: str | None = None
+    quarantine: bool = True
+    quarantine_root: Path | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -147,6 +157,7 @@ class GenerateResult:
         training_patients: distinct patients in the index.
         audit_log: the audit log written to.
         seed: the run seed.
+        quarantine: folder holding the candidates that were not exported (None: not kept).
 
     """
 
@@ -164,6 +175,7 @@ class GenerateResult:
     training_patients: int = 0
     audit_log: Path | None = None
     seed: int = 0
+    quarantine: Path | None = None
 
     @property
     def exit_code(self) -> ExitCode:
@@ -261,6 +273,8 @@ def run_generate(
         run_id=run_id, bundle=None, wanted=request.n, audit_log=audit.path, seed=request.seed
     )
     result.times["load"] = load_seconds
+    if request.quarantine:
+        result.quarantine = (request.quarantine_root or request.out_root / QUARANTINE_DIR_NAME) / run_id
     result.training_patients = len({row.patient_id for row in index.manifest.rows})
     clock = _Clock(result.times)
     passed: list[PassedSample] = []
@@ -306,6 +320,10 @@ def run_generate(
                 if result.exported < request.n:
                     passed.append(PassedSample(volume, decision, sample_id, request.seed, audit_hash))
                     result.exported += 1
+            elif result.quarantine is not None:
+                t = clock.add("audit", t)
+                quarantine_candidate(volume, result.quarantine)
+                t = clock.add("quarantine", t)
         result.candidates += count
         clock.add("audit", t)
         if on_progress is not None:

@@ -92,6 +92,28 @@ def test_budget_spent_returns_violation_and_stats(world: tuple[Training, Generat
     assert result.patients_copied_share == pytest.approx(result.patients_copied / 8)
 
 
+def test_rejected_candidates_are_quarantined_outside_bundles(
+    world: tuple[Training, Generator], tmp_path: Path
+) -> None:
+    result = _run(
+        world, tmp_path, release_policy_text(similar=-1.0, duplicate=-1.0), n=3, max_candidates=6, run_id="q"
+    )
+    assert result.quarantine == tmp_path / "out" / "quarantine" / "q"
+    records = list(AuditLog(tmp_path / "out" / "audit.jsonl").records())
+    kept = sorted(p.name for p in result.quarantine.iterdir())
+    assert kept == sorted(f"{r.candidate_sha256}.nii.gz" for r in records) and len(kept) == 6
+    assert result.times["quarantine"] > 0
+    off = _run(
+        world,
+        tmp_path / "off",
+        release_policy_text(similar=-1.0, duplicate=-1.0),
+        n=3,
+        max_candidates=6,
+        quarantine=False,
+    )
+    assert off.quarantine is None and not (tmp_path / "off" / "out" / "quarantine").exists()
+
+
 def test_same_seed_same_candidates(world: tuple[Training, Generator], tmp_path: Path) -> None:
     a = _run(world, tmp_path / "a", n=2, seed=3, run_id="a")
     b = _run(world, tmp_path / "b", n=2, seed=3, run_id="b")

@@ -229,6 +229,15 @@ def train_command(
     help="Audit log (default: $GATE_AUDIT_LOG, else <out>/audit.jsonl).",
 )
 @click.option(
+    "--quarantine",
+    "quarantine_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep every candidate that is not exported under DIR/<run id>/ for `gate audit report` "
+    "(internal: never inside a bundle). Default: <out>/quarantine.",
+)
+@click.option("--no-quarantine", is_flag=True, help="Do not keep the candidates that are not exported.")
+@click.option(
     "--generator",
     "generator_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -273,6 +282,8 @@ def generate(
     formats: str,
     out_root: Path,
     audit_log: Path | None,
+    quarantine_root: Path | None,
+    no_quarantine: bool,
     generator_dir: Path | None,
     encoder_dir: Path | None,
     index_dir: Path | None,
@@ -310,6 +321,8 @@ def generate(
         formats=fmt,
         out_root=out_root,
         audit_log=audit_log,
+        quarantine=not no_quarantine,
+        quarantine_root=quarantine_root,
     )
     t0 = time.perf_counter()
     policy = load_policy(policy_name)
@@ -361,6 +374,7 @@ def _summary_json(result: Any, policy_id: str, provider: str) -> dict[str, Any]:
         "times_s": result.times,
         "bundle": str(result.bundle) if result.bundle else None,
         "audit_log": str(result.audit_log),
+        "quarantine": str(result.quarantine) if result.quarantine else None,
         "memorization": result.memorization(),
         "exit_code": int(result.exit_code),
     }
@@ -392,6 +406,12 @@ def _print_summary(result: Any, policy_id: str, wall: float) -> None:
         click.echo(f"bundle: {result.bundle} ({result.exported} samples); audit log: {result.audit_log}")
     else:
         click.echo(f"no candidate passed: no bundle written; audit log: {result.audit_log}")
+    if result.quarantine is not None and result.candidates > result.exported:
+        click.echo(
+            f"not exported, kept for review (internal): {result.quarantine}; report: gate audit report "
+            f"{result.run_id} --log {result.audit_log} --candidates {result.quarantine} --data TRAINING_DIR "
+            "--out REPORT_DIR"
+        )
     if result.exported < result.wanted:
         click.echo(
             f"gate: only {result.exported} of {result.wanted} wanted samples passed within "
