@@ -103,6 +103,7 @@ def gate_check(
 ) -> dict:
     args = ["check", str(cand), "--policy", policy, "--index", str(index)]
     args += ["--encoder", str(encoder), "--device", "cpu", "--json", str(report)]
+    args += ["--audit-log", str(report.parent / "audit.jsonl")]
     code, _, err = run_gate(gate_bin, args, env)
     if code not in (0, 1):
         raise SystemExit(f"gate check failed ({code}): {err[-2000:]}")

@@ -24,6 +24,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,11 @@ TAIL_CHUNK_BYTES = 1 << 16
 
 Outcome = Literal["pass", "flag", "reject", "error"]
 """What happened to a candidate: the policy's verdict, or ``error`` (could not decide)."""
+
+
+def new_run_id() -> str:
+    """UTC timestamp plus 6 random hex digits, e.g. ``20261125T031500Z-3fa2c1``."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 class AuditEntry(BaseModel):

@@ -18,17 +18,15 @@ Memorization statistics follow Dar et al. (2024): the share of candidates reject
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gate.audit import AuditEntry, AuditLog
+from gate.audit import AuditEntry, AuditLog, new_run_id
 from gate.bundle import BundleWriter, PassedSample, Provenance
 from gate.decide import decide
 from gate.digest import sha256_voxels
@@ -36,7 +34,7 @@ from gate.errors import ExitCode, IntegrityError, UsageError
 from gate.index import TrainingIndex, embed_volumes
 from gate.policy import LoadedPolicy
 from gate.report import quarantine_candidate
-from gate.values import Decision, Grade, Verdict
+from gate.values import Decision, Grade, Verdict, Volume
 
 if TYPE_CHECKING:
     from gate.generator.sample import Generator
@@ -72,11 +70,6 @@ every bundle), one ``<candidate sha256>.nii.gz`` each, for ``gate audit report``
 
 STAGES = ("load", "generate", "embed", "search", "decide", "audit", "quarantine", "export")
 """Timed stages, in order, as reported in the summary."""
-
-
-def new_run_id() -> str:
-    """UTC timestamp plus 6 random hex digits, e.g. ``20261125T031500Z-3fa2c1``."""
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 @dataclass(frozen=True)
@@ -285,18 +278,23 @@ def run_generate(
         start = result.candidates
         count = min(request.batch_size, budget - start, request.n - result.exported)
         t = time.perf_counter()
-        volumes = generator.volumes(
-            generator.sample(request.seed, start, count, request.ddim_steps), request.seed, start
-        )
-        t = clock.add("generate", t)
-        probes = embed_volumes(volumes, encoder)
-        t = clock.add("embed", t)
-        neighbours = index.search_many(
-            [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
-        )
-        t = clock.add("search", t)
-        decisions: list[Decision] = [decide(nb, policy, index.calibration) for nb in neighbours]
-        t = clock.add("decide", t)
+        volumes: list[Volume] = []
+        try:
+            volumes = generator.volumes(
+                generator.sample(request.seed, start, count, request.ddim_steps), request.seed, start
+            )
+            t = clock.add("generate", t)
+            probes = embed_volumes(volumes, encoder)
+            t = clock.add("embed", t)
+            neighbours = index.search_many(
+                [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
+            )
+            t = clock.add("search", t)
+            decisions: list[Decision] = [decide(nb, policy, index.calibration) for nb in neighbours]
+            t = clock.add("decide", t)
+        except Exception as err:
+            _audit_errors(audit, run_id, request.seed, start, count, volumes, err, policy, provider)
+            raise
         for j, (volume, decision) in enumerate(zip(volumes, decisions, strict=True)):
             sample_id = f"s{start + j:06d}"
             audit_hash = audit.append(
@@ -352,6 +350,34 @@ def run_generate(
         clock.add("export", t)
     log.info("run %s: %d/%d candidates passed", run_id, result.passed, result.candidates)
     return result
+
+
+def _audit_errors(
+    audit: AuditLog,
+    run_id: str,
+    seed: int,
+    start: int,
+    count: int,
+    volumes: list[Volume],
+    err: Exception,
+    policy: LoadedPolicy,
+    provider: str,
+) -> None:
+    """One ``error`` record per candidate of a batch that could not be decided (fail closed)."""
+    message = f"{type(err).__name__}: {err}"
+    for j in range(count):
+        audit.append(
+            AuditEntry.for_error(
+                run_id,
+                message,
+                policy.id,
+                policy.sha256,
+                provider,
+                candidate_sha256=sha256_voxels(volumes[j].data) if j < len(volumes) else None,
+                sample_id=f"s{start + j:06d}",
+                seed=seed,
+            )
+        )
 
 
 def write_memorization(folder: Path, result: GenerateResult) -> Path:

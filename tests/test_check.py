@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 import gate.cli.check
 import gate.cli.index
+from gate.audit import AuditLog, verify_log
 from gate.cli import main
 from gate.poses import DEFAULT_POSES
 from tests.index_helpers import ProjectionEncoder
@@ -21,6 +22,7 @@ N_TRAIN = 8
 @pytest.fixture
 def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    monkeypatch.setenv("GATE_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
     enc = ProjectionEncoder(dim=16)
     monkeypatch.setattr(gate.cli.index, "load_encoder", lambda encoder_dir, device: enc)
     monkeypatch.setattr(gate.cli.check, "load_encoder", lambda encoder_dir, device: enc)
@@ -137,6 +139,15 @@ def test_unreadable_input_fails_closed(
     data = json.loads(report.read_text())
     assert data["exit_code"] == 3 and data["summary"]["unreadable"] == 1
     assert data["errors"][0]["source"].endswith("broken.nii.gz")
+    # both candidates are audited: the decision and the error (which names no file)
+    records = list(AuditLog(tmp_path / "audit.jsonl").records())
+    assert len(records) == 2 and sorted(r.verdict for r in records)[0] == "error"
+    assert {r.verdict for r in records} - {"error"} <= {"pass", "flag", "reject"}
+    (error,) = [r for r in records if r.verdict == "error"]
+    assert error.error.startswith("unreadable input: cannot read NIfTI: truncated or corrupt file")
+    assert "broken" not in (tmp_path / "audit.jsonl").read_text()
+    assert f"audit: run {records[0].run_id}, 2 record(s) in {tmp_path / 'audit.jsonl'}" in result.output
+    assert verify_log(tmp_path / "audit.jsonl").ok
     missing = runner.invoke(main, ["check", str(tmp_path / "nope.nii.gz"), "--index", str(index_dir)])
     assert missing.exit_code == 3 and "nope.nii.gz: no such file or folder" in missing.output
 
@@ -220,6 +231,7 @@ def test_real_onnx_encoder_end_to_end(
     onnx_encoders: tuple[Path, Path], train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    monkeypatch.setenv("GATE_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
     runner = CliRunner()
     enc, other = onnx_encoders
     out = tmp_path / "idx"
@@ -254,6 +266,7 @@ def test_shipped_index_rejects_real_training_copies(
     ):
         pytest.skip("no shipped encoder / index in gate/models")
     monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    monkeypatch.setenv("GATE_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
     cand = tmp_path / "cand"
     cand.mkdir()
     for name in ("hippocampus_001.nii.gz", "hippocampus_150.nii.gz"):

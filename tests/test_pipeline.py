@@ -136,7 +136,15 @@ def test_failure_midway_leaves_no_bundle(world: tuple[Training, Generator], tmp_
     request = GenerateRequest(n=8, out_root=tmp_path / "out", batch_size=4)
     with pytest.raises(IntegrityError, match="non-finite values or a wrong shape"):
         run_generate(request, generator, encoder, training.index, load_policy("permissive"), PROVIDER)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["audit.jsonl"]
+    assert not list((tmp_path / "out").glob("gate-*")) and not list((tmp_path / "out").glob(".gate-*"))
+    # every candidate has its record: the first batch decided, the second an error each
+    records = list(AuditLog(tmp_path / "out" / "audit.jsonl").records())
+    assert [r.verdict for r in records[4:]] == ["error"] * 4 and len(records) == 8
+    assert all(r.verdict != "error" for r in records[:4])
+    assert all("IntegrityError: encoder returned" in (r.error or "") for r in records[4:])
+    assert [r.sample_id for r in records[4:]] == ["s000004", "s000005", "s000006", "s000007"]
+    assert all(r.candidate_sha256 for r in records[4:])
+    assert verify_log(tmp_path / "out" / "audit.jsonl").ok
 
 
 def test_generator_on_other_grid_refused(world: tuple[Training, Generator], tmp_path: Path) -> None:

@@ -11,16 +11,22 @@ from typing import Any
 import click
 
 from gate import __version__
+from gate.audit import AuditEntry, AuditLog, new_run_id
 from gate.cli.index import encoder_options, load_encoder, read_all
 from gate.cli.options import input_options, read_options
 from gate.decide import decide
-from gate.errors import ExitCode
+from gate.digest import sha256_voxels
+from gate.errors import ExitCode, InputError
 from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
 from gate.policy import load_policy
-from gate.values import Decision, Neighbours, Verdict
+from gate.values import Decision, Neighbours, Verdict, Volume
 
 DEFAULT_POLICY = "strict"
 """Fail closed: without --policy, the strictest shipped policy applies."""
+
+DEFAULT_AUDIT_LOG = Path("gate-out") / "audit.jsonl"
+"""Where ``gate check`` records its decisions without --audit-log / $GATE_AUDIT_LOG: the same log
+``gate generate`` writes by default, so every decision of the gate lands in one log."""
 
 
 @click.command()
@@ -49,6 +55,15 @@ DEFAULT_POLICY = "strict"
     help="Also write every decision (and every unreadable input) to this JSON file.",
 )
 @click.option("--fail-on-flag", is_flag=True, help="Exit 1 when any volume is flagged, not only rejected.")
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="GATE_AUDIT_LOG",
+    default=DEFAULT_AUDIT_LOG,
+    show_default=True,
+    help="Append one record per candidate (decision or error) to this audit log; default: "
+    "$GATE_AUDIT_LOG, else ./gate-out/audit.jsonl.",
+)
 @input_options
 def check(
     paths: tuple[Path, ...],
@@ -57,6 +72,7 @@ def check(
     encoder_dir: Path | None,
     json_path: Path | None,
     fail_on_flag: bool,
+    audit_log: Path,
     device: str,
     id_key_file: Path | None,
     patient_map: Path | None,
@@ -67,6 +83,9 @@ def check(
 
     Verdicts: pass; flag (shown, never exported; fails only with --fail-on-flag); reject.
 
+    Every candidate gets an audit record (run id printed): its decision, or the error that kept
+    it from being decided (the record names no file, only the problem and the voxel hash).
+
     Exit codes: 0 all pass or flagged; 1 any rejected; 2 bad policy; 3 any unreadable input or
     integrity error (fail closed: then nothing counts as passed).
     """
@@ -74,12 +93,31 @@ def check(
     options = read_options(id_key_file, patient_map, patient_pattern, max_voxels)
     encoder = load_encoder(encoder_dir, device)
     index = TrainingIndex.load(index_dir, encoder)
+    provider = str(getattr(encoder, "provider", "unknown"))
+    audit, run_id = AuditLog(audit_log), new_run_id()
     volumes, _, errors = read_all(list(paths), options)
-    probes = embed_volumes(volumes, encoder)
-    neighbours = index.search_many(
-        [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
-    )
-    decisions = [decide(n, policy, index.calibration) for n in neighbours]
+    for err in errors:
+        audit.append(AuditEntry.for_error(run_id, _problem(err), policy.id, policy.sha256, provider))
+    try:
+        probes = embed_volumes(volumes, encoder)
+        neighbours = index.search_many(
+            [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
+        )
+        decisions = [decide(n, policy, index.calibration) for n in neighbours]
+    except Exception as err:
+        _audit_failed(audit, run_id, volumes, f"{type(err).__name__}: {err}", policy, provider)
+        raise
+    for vol, dec in zip(volumes, decisions, strict=True):
+        audit.append(
+            AuditEntry.for_decision(
+                run_id,
+                dec,
+                sha256_voxels(vol.data),
+                provider,
+                encoder_sha256=encoder.sha256,
+                index_sha256=index.sha256,
+            )
+        )
     counts = {v: sum(d.verdict is v for d in decisions) for v in Verdict}
     click.echo(
         f"policy {policy.id} ({policy.sha256[:12]}…), index {index.sha256[:12]}…, "
@@ -120,9 +158,30 @@ def check(
             "exit_code": int(code),
         }
         _write_json(json_path, report)
+    click.echo(f"audit: run {run_id}, {len(decisions) + len(errors)} record(s) in {audit.path}")
     if errors:
         click.echo(f"gate: {len(errors)} input(s) unreadable; nothing counts as passed", err=True)
     raise SystemExit(int(code))
+
+
+def _problem(err: InputError) -> str:
+    """The problem of an unreadable input without its path (a file name may carry an identity)."""
+    problem = err.problem
+    for name in sorted({err.path, str(Path(err.path).resolve()), Path(err.path).name}, key=len, reverse=True):
+        if name:
+            problem = problem.replace(name, "<input>")
+    return f"unreadable input: {problem}"
+
+
+def _audit_failed(
+    audit: AuditLog, run_id: str, volumes: list[Volume], message: str, policy: Any, provider: str
+) -> None:
+    for vol in volumes:
+        audit.append(
+            AuditEntry.for_error(
+                run_id, message, policy.id, policy.sha256, provider, candidate_sha256=sha256_voxels(vol.data)
+            )
+        )
 
 
 def _result(source: str, dec: Decision, neighbours: Neighbours) -> dict[str, Any]:
