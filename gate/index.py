@@ -44,8 +44,8 @@ from gate import __version__
 from gate.calibration import Calibration
 from gate.digest import sha256_file, sha256_voxels
 from gate.errors import IntegrityError, UsageError
-from gate.poses import IDENTITY_ONLY, PoseSet, apply_pose
-from gate.preprocess import PreprocessConfig, preprocess
+from gate.poses import IDENTITY_ONLY, PoseSet, posed_grids
+from gate.preprocess import PreprocessConfig
 from gate.values import Embedding, Neighbours, Volume
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,7 @@ class IndexRow(BaseModel):
     Attributes:
         patient_id: pseudonymous patient id.
         file_sha256: sha256 of the source file (of its files' digests for a DICOM series).
-        voxel_sha256: :func:`gate.digest.sha256_voxels` of the preprocessed (re-posed) grid.
-        pose: position of the row's pose in the manifest's ``poses`` (0 = as read).
+        voxel_sha256: :func:`gate.digest.sha256_voxels` of the preprocessed grid (as read).
 
     """
 
@@ -152,7 +151,6 @@ class IndexRow(BaseModel):
     patient_id: str = Field(pattern=PSEUDONYM_PATTERN)
     file_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     voxel_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    pose: int = Field(default=0, ge=0)
 
 
 class SelfTest(BaseModel):
@@ -175,7 +173,11 @@ class SelfTest(BaseModel):
 
 
 class IndexManifest(BaseModel):
-    """Everything that identifies an index and is checked at load. No names, no paths."""
+    """Everything that identifies an index and is checked at load. No names, no paths.
+
+    ``rows`` holds one entry per training volume; the index holds ``len(poses)`` vectors per
+    volume, volume-major: vector ``i`` is volume ``i // len(poses)`` under pose ``i % len(poses)``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -236,7 +238,7 @@ def embed_volumes(
 
     """
     probes: list[Probe] = []
-    posed = [(vol, grid) for vol in volumes for grid in _posed_grids(vol, encoder.preprocess, poses)]
+    posed = [(vol, grid) for vol in volumes for grid in posed_grids(vol, encoder.preprocess, poses)]
     for start in range(0, len(posed), EMBED_BATCH):
         chunk = [vol for vol, _ in posed[start : start + EMBED_BATCH]]
         grids = [grid for _, grid in posed[start : start + EMBED_BATCH]]
@@ -256,11 +258,6 @@ def embed_volumes(
                 raise IntegrityError(f"{vol.source}: encoder output is not a unit vector ({err})") from err
             probes.append(Probe(embedding=emb, voxel_sha256=sha256_voxels(grid)))
     return probes
-
-
-def _posed_grids(volume: Volume, config: PreprocessConfig, poses: PoseSet) -> list[np.ndarray]:
-    grid = preprocess(volume, config).data
-    return [apply_pose(grid, pose) for pose in poses.poses]
 
 
 def _new_graph(vectors: np.ndarray, seed: int, candidates: int) -> hnswlib.Index:
@@ -395,13 +392,8 @@ def build_index(
                 f"{p.embedding.source}: embedded by another encoder than {encoder.sha256[:12]}"
             )
     rows = tuple(
-        IndexRow(
-            patient_id=patient_ids[i // n_poses],
-            file_sha256=file_sha256s[i // n_poses],
-            voxel_sha256=p.voxel_sha256,
-            pose=i % n_poses,
-        )
-        for i, p in enumerate(probes)
+        IndexRow(patient_id=pid, file_sha256=fsha, voxel_sha256=p.voxel_sha256)
+        for p, pid, fsha in zip(probes[::n_poses], patient_ids, file_sha256s, strict=True)
     )
     vectors = np.stack([p.embedding.vector for p in probes]).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -474,7 +466,8 @@ class TrainingIndex:
         self.sha256 = manifest.index_sha256
         self.vectors = vectors
         self._graph = graph
-        self._patient_ids = [r.patient_id for r in manifest.rows]
+        n_poses = len(manifest.poses)
+        self._patient_ids = [manifest.rows[i // n_poses].patient_id for i in range(manifest.count)]
         self._voxel_hashes = frozenset(r.voxel_sha256 for r in manifest.rows)
 
     @property
@@ -640,15 +633,10 @@ def _check_compatible(index_dir: Path, manifest: IndexManifest, encoder: Embeddi
             f"{index_dir}: poses digest {manifest.poses_digest[:12]}… does not match the recorded poses "
             f"({manifest.poses.digest[:12]}…); the manifest was edited; rebuild the index"
         )
-    if manifest.count % len(manifest.poses) or any(
-        r.pose != i % len(manifest.poses) for i, r in enumerate(manifest.rows)
-    ):
+    if len(manifest.rows) * len(manifest.poses) != manifest.count:
         raise IntegrityError(
-            f"{index_dir}: rows are not {len(manifest.poses)} poses per training volume; rebuild the index"
-        )
-    if len(manifest.rows) != manifest.count:
-        raise IntegrityError(
-            f"{index_dir}: manifest lists {len(manifest.rows)} rows but count {manifest.count}"
+            f"{index_dir}: manifest lists {len(manifest.rows)} volumes x {len(manifest.poses)} poses "
+            f"but count {manifest.count}"
         )
 
 

@@ -198,6 +198,23 @@ def normalize_intensity(volume: Volume, clip_percentiles: tuple[float, float]) -
     )
 
 
+def preprocess_uncropped(volume: Volume, config: PreprocessConfig) -> Volume:
+    """Everything but the fixed grid: canonical orientation, resampling, intensity normalisation.
+
+    Args:
+        volume: as read from disk.
+        config: the preprocessing that the model / index was made with.
+
+    Returns:
+        Volume of the resampled shape, spacing ``config.spacing_mm``, intensities in [0, 1].
+
+    """
+    if config.canonical_orientation:
+        volume = to_canonical(volume)
+    volume = resample(volume, config.spacing_mm)
+    return normalize_intensity(volume, config.clip_percentiles)
+
+
 def preprocess(volume: Volume, config: PreprocessConfig) -> Volume:
     """Full pipeline: canonical orientation, resampling, intensity normalisation, fixed grid.
 
@@ -209,11 +226,7 @@ def preprocess(volume: Volume, config: PreprocessConfig) -> Volume:
         Volume of shape ``config.grid``, spacing ``config.spacing_mm``, intensities in [0, 1].
 
     """
-    if config.canonical_orientation:
-        volume = to_canonical(volume)
-    volume = resample(volume, config.spacing_mm)
-    volume = normalize_intensity(volume, config.clip_percentiles)
-    return crop_or_pad(volume, config.grid)
+    return crop_or_pad(preprocess_uncropped(volume, config), config.grid)
 
 
 def preprocess_batch(volumes: list[Volume], config: PreprocessConfig) -> np.ndarray:

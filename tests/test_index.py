@@ -334,7 +334,7 @@ def test_posed_index_finds_shifted_copies(tmp_path: Path) -> None:
     plain, _, _ = _posed_world(tmp_path, IDENTITY_ONLY)
     m = posed.manifest
     assert m.count == 8 * len(DEFAULT_POSES) and m.n_patients == 8 and m.poses == DEFAULT_POSES
-    assert m.poses_digest == DEFAULT_POSES.digest and [r.pose for r in m.rows[:3]] == [0, 1, 2]
+    assert m.poses_digest == DEFAULT_POSES.digest and len(m.rows) == 8
     assert m.candidates == min(m.count, 16 * len(DEFAULT_POSES)) and m.ef >= m.candidates
     assert m.calibration.n_patients == 8
     grid = preprocess(vols[3], enc.preprocess).data
@@ -360,7 +360,7 @@ def test_build_refuses_probe_count_not_matching_poses(tmp_path: Path, encoder: P
     v = unit_rows(10, DIM)
     probes = [Probe(Embedding(x, encoder.sha256), "a" * 64) for x in v]
     cal = leave_one_patient_out(v, [pid(i) for i in range(10)], 0)
-    with pytest.raises(UsageError, match=r"and 46 probe\(s\) per volume; got 10 probes, 10 ids, 10 hashes"):
+    with pytest.raises(UsageError, match=r"and 62 probe\(s\) per volume; got 10 probes, 10 ids, 10 hashes"):
         build_index(
             probes,
             [pid(i) for i in range(10)],

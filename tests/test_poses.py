@@ -10,7 +10,9 @@ import torch
 from pydantic import ValidationError
 
 from gate.encoder.augment import spatial
-from gate.poses import DEFAULT_POSES, IDENTITY_ONLY, POSE_SETS, Pose, PoseSet, apply_pose
+from gate.poses import DEFAULT_POSES, IDENTITY_ONLY, POSE_SETS, Pose, PoseSet, apply_pose, posed_grids
+from gate.preprocess import PreprocessConfig, preprocess, preprocess_uncropped
+from gate.values import Volume
 
 SHAPE = (16, 20, 12)
 
@@ -76,8 +78,22 @@ def test_pose_set_first_must_be_identity() -> None:
         PoseSet(poses=())
 
 
+def test_window_shift_brings_in_anatomy_beyond_the_grid() -> None:
+    rng = np.random.default_rng(0)
+    raw = Volume(rng.random((20, 12, 12)).astype(np.float32) + 1.0, np.eye(4), (1.0, 1.0, 1.0), "v", "p-1")
+    cfg = PreprocessConfig(grid=(12, 12, 12))
+    poses = PoseSet(poses=(Pose(), Pose(window_shift_vox=(2.0, 0.0, 0.0)), Pose(flip=True)))
+    as_read, shifted, flipped = posed_grids(raw, cfg, poses)
+    np.testing.assert_array_equal(as_read, preprocess(raw, cfg).data)
+    np.testing.assert_allclose(shifted[:-2], as_read[2:], atol=1e-6)  # the window moved +2 along X
+    # real voxels from beyond the grid (the crop starts at 4 of 20; moved by 2), not zero padding
+    np.testing.assert_allclose(shifted, preprocess_uncropped(raw, cfg).data[6:18], atol=1e-6)
+    np.testing.assert_array_equal(flipped, as_read[::-1])
+
+
 def test_default_pose_set_and_digest() -> None:
-    assert len(DEFAULT_POSES) == 46 and POSE_SETS["default"] is DEFAULT_POSES
+    assert len(DEFAULT_POSES) == 62 and POSE_SETS["default"] is DEFAULT_POSES
+    assert sum(any(p.window_shift_vox) for p in DEFAULT_POSES.poses) == 16
     assert len(IDENTITY_ONLY) == 1 and DEFAULT_POSES.poses[0].is_identity
     assert sum(p.flip for p in DEFAULT_POSES.poses) == 1
     shifts = [np.linalg.norm(p.translate_vox) for p in DEFAULT_POSES.poses]

@@ -375,7 +375,11 @@ def eval_command(
         on_split[name] = enc.manifest.training.get("data_digest") == train_digest
         scorers.append(bm.EmbeddingScorer(name, enc.embed_array))
         if poses_name != "none":
-            scorers.append(bm.EmbeddingScorer(f"{name}+poses", enc.embed_array, POSE_SETS[poses_name]))
+            scorers.append(
+                bm.EmbeddingScorer(
+                    f"{name}+poses", enc.embed_array, POSE_SETS[poses_name], [raws[i] for i in tr], cfg
+                )
+            )
     if not no_baselines:
         untrained = build_encoder(EncoderSpec(grid=cfg.grid), seed=0)
 

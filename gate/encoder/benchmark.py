@@ -33,7 +33,7 @@ import torch
 
 from gate.encoder.augment import BIAS_CONTROL, ELASTIC_CONTROL, gaussian_blur, smooth_field, spatial
 from gate.encoder.ssim import set_stats, ssim_to_set
-from gate.poses import IDENTITY_ONLY, PoseSet, apply_pose
+from gate.poses import IDENTITY_ONLY, PoseSet, posed_grids
 from gate.preprocess import PreprocessConfig, preprocess
 from gate.values import Volume
 
@@ -228,21 +228,35 @@ class Scorer:
 class EmbeddingScorer(Scorer):
     """Cosine similarity of unit embeddings (an ONNX :class:`gate.embed.Encoder` or torch).
 
-    With ``poses``, every training grid is also embedded under each pose (as
-    ``gate index build`` does, :mod:`gate.poses`) and a candidate's score is its max over all.
+    With ``poses`` (and the raw training volumes they need), every training volume is embedded
+    under each pose exactly as ``gate index build`` does (:func:`gate.poses.posed_grids`) and a
+    candidate's score is its max over all.
     """
 
     def __init__(
-        self, name: str, embed: Callable[[np.ndarray], np.ndarray], poses: PoseSet = IDENTITY_ONLY
+        self,
+        name: str,
+        embed: Callable[[np.ndarray], np.ndarray],
+        poses: PoseSet = IDENTITY_ONLY,
+        raws: list[Volume] | None = None,
+        config: PreprocessConfig | None = None,
     ) -> None:
+        if len(poses) > 1 and (raws is None or config is None):
+            raise ValueError("an EmbeddingScorer with poses needs the raw training volumes and the config")
         self.name, self._embed, self._poses = name, embed, poses
+        self._raws, self._config = raws, config
 
     def fit(self, train: np.ndarray) -> None:  # noqa: D102
-        refs = []
-        for pose in self._poses.poses:
-            posed = np.stack([apply_pose(g[0], pose) for g in train])[:, None]
-            refs.append(self._embed(np.ascontiguousarray(posed, dtype=np.float32)).astype(np.float64))
-        self._ref = np.concatenate(refs)
+        if len(self._poses) == 1:
+            self._ref = self._embed(train).astype(np.float64)
+            return
+        assert self._raws is not None and self._config is not None  # checked in __init__
+        if len(self._raws) != len(train):
+            raise ValueError(f"{len(self._raws)} raw volumes for {len(train)} training grids")
+        posed = np.stack([g for v in self._raws for g in posed_grids(v, self._config, self._poses)])[:, None]
+        self._ref = np.concatenate(
+            [self._embed(np.ascontiguousarray(posed[i : i + 256])) for i in range(0, len(posed), 256)]
+        ).astype(np.float64)
 
     def score(self, candidates: np.ndarray) -> np.ndarray:  # noqa: D102
         return (self._embed(candidates).astype(np.float64) @ self._ref.T).max(axis=1)
