@@ -140,7 +140,7 @@ Reproduce (2 CPU cores, torch threads 1, seed {cfg.seed}):
   betas {cfg.beta_start:g}..{cfg.beta_end:g}. Noise-prediction MSE (epoch: loss): {unet_losses}.
 - Library versions: {", ".join(f"{k} {v}" for k, v in m.versions.items())}.
 
-## Sampling cost (this machine, 2 shared CPU cores)
+## Sampling cost (this machine; torch threads as listed, the other core busy with another benchmark)
 
 {speed or "See bench/sampling.py."}
 

@@ -44,13 +44,14 @@ log = logging.getLogger(__name__)
 
 MAX_CANDIDATES_FACTOR = 4
 """Default candidate budget = 4 x n. Measured: the shipped generator passes the strict policy
-for 55% of candidates (500 of 915); 4x leaves room for a generator that passes only 1 in 4
-before the run stops short (exit 1) instead of sampling forever."""
+for 60% of candidates (500 of 832, bench/generate_e2e.py); 4x leaves room for a generator that
+passes only 1 in 4 before the run stops short (exit 1) instead of sampling forever."""
 
 DEFAULT_BATCH_SIZE = 16
-"""Candidates per batch. bench/sampling.py (2 threads, 25 DDIM steps): 389 / 146 / 124 / 118 ms
-per volume at batch 1 / 4 / 16 / 32; beyond 16 the gain is small and the first progress
-update comes later."""
+"""Candidates per batch. bench/sampling.py (1 thread, 25 DDIM steps): 720 / 301 / 303 / 305 ms
+per volume at batch 1 / 4 / 16 / 32: flat beyond 4 on this CPU; 16 amortises the per-batch
+embed / search / audit calls and still updates progress every few seconds (the 500-sample run,
+2 threads: 163 ms per volume at batch 16)."""
 
 DEFAULT_OUT_ROOT = Path("gate-out")
 """Bundles go to ``./gate-out/gate-<run id>/``; the audit log to ``./gate-out/audit.jsonl``."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gate.index
 import gate.index as gindex
 from gate.calibration import (
     MIN_CALIBRATION_PATIENTS,
@@ -380,3 +381,18 @@ def test_leave_one_patient_out_queries_only_given_rows() -> None:
     as_read = leave_one_patient_out(rows, ids, 0, query_rows=np.asarray([0, 2]))
     assert all_rows.similarities == pytest.approx((0.96, 0.96))
     assert as_read.similarities == pytest.approx((0.6, 0.96))
+
+
+@pytest.mark.realdata
+def test_shipped_index_ids_come_from_the_shipped_demo_key(hippocampus_dir: Path) -> None:
+    """The bundled index's pseudonyms are HMACs under gate/models/demo-pseudonym.key (public data)."""
+    from gate.identity import Pseudonymizer, load_or_create_key
+    from gate.index import DEFAULT_INDEX_DIR
+    from gate.volume import ReadOptions, read_volumes
+
+    key = Path(gate.index.__file__).parent / "models" / "demo-pseudonym.key"
+    manifest = json.loads((DEFAULT_INDEX_DIR / MANIFEST_FILE).read_text())
+    ids = {r["patient_id"] for r in manifest["rows"]}
+    options = ReadOptions(pseudonymizer=Pseudonymizer(load_or_create_key(key)))
+    (vol,) = read_volumes(hippocampus_dir / "hippocampus_001.nii.gz", options)
+    assert vol.patient_id in ids and len(ids) == 261
