@@ -275,3 +275,20 @@ def test_shipped_index_rejects_real_training_copies(
         result = CliRunner().invoke(main, ["check", str(cand), "--policy", policy, "--device", "cpu"])
         assert result.exit_code == 1, result.output
         assert "checked 2: 0 pass, 0 flag, 2 reject; 0 unreadable" in result.output
+
+
+def test_undecidable_candidates_are_audited_as_errors(
+    runner: CliRunner, index_dir: Path, train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class NaNEncoder(ProjectionEncoder):
+        def embed_array(self, batch: np.ndarray) -> np.ndarray:
+            return super().embed_array(batch) * np.nan
+
+    broken = NaNEncoder(dim=16)
+    monkeypatch.setattr(gate.cli.check, "load_encoder", lambda encoder_dir, device: broken)
+    result = runner.invoke(main, ["check", str(train_dir), "--index", str(index_dir)])
+    assert result.exit_code == 3, result.output
+    records = list(AuditLog(tmp_path / "audit.jsonl").records())
+    assert len(records) == N_TRAIN and {r.verdict for r in records} == {"error"}
+    assert all(r.error.startswith("IntegrityError: encoder returned") for r in records)
+    assert verify_log(tmp_path / "audit.jsonl").ok

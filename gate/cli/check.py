@@ -18,7 +18,7 @@ from gate.decide import decide
 from gate.digest import sha256_voxels
 from gate.errors import ExitCode, InputError
 from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
-from gate.policy import load_policy
+from gate.policy import LoadedPolicy, load_policy
 from gate.values import Decision, Neighbours, Verdict, Volume
 
 DEFAULT_POLICY = "strict"
@@ -174,7 +174,7 @@ def _problem(err: InputError) -> str:
 
 
 def _audit_failed(
-    audit: AuditLog, run_id: str, volumes: list[Volume], message: str, policy: Any, provider: str
+    audit: AuditLog, run_id: str, volumes: list[Volume], message: str, policy: LoadedPolicy, provider: str
 ) -> None:
     for vol in volumes:
         audit.append(
