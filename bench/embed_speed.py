@@ -50,8 +50,17 @@ def main() -> None:
     grids = preprocess_batch([v for f in files for v in read_volumes(f, opts)], cfg)
     model = build_encoder(EncoderSpec(grid=cfg.grid), seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        export_encoder(model, cfg.grid, Path(tmp) / "m", grids[:4], preprocess=cfg, objective="speed",
-                       dim=model.spec.dim, architecture=model.spec.model_dump(mode="json"), training={})
+        export_encoder(
+            model,
+            cfg.grid,
+            Path(tmp) / "m",
+            grids[:4],
+            preprocess=cfg,
+            objective="speed",
+            dim=model.spec.dim,
+            architecture=model.spec.model_dump(mode="json"),
+            training={},
+        )
         enc = Encoder(Path(tmp) / "m", device="cpu", threads=args.threads)
 
     def torch_embed(x: np.ndarray) -> np.ndarray:
@@ -67,10 +76,18 @@ def main() -> None:
             best["onnxruntime"] = max(best["onnxruntime"], rate(enc.embed_array, x, args.seconds))
         best["ratio_ort_over_torch"] = best["onnxruntime"] / best["torch_eager"]
         results[f"batch_{batch}"] = best
-        print(f"batch {batch:2d}: torch eager {best['torch_eager']:7.1f} vol/s, onnxruntime "
-              f"{best['onnxruntime']:7.1f} vol/s, ratio {best['ratio_ort_over_torch']:.2f}")
-    results.update({"threads": args.threads, "provider": enc.provider, "torch": torch.__version__,
-                    "grid": list(cfg.grid)})
+        print(
+            f"batch {batch:2d}: torch eager {best['torch_eager']:7.1f} vol/s, onnxruntime "
+            f"{best['onnxruntime']:7.1f} vol/s, ratio {best['ratio_ort_over_torch']:.2f}"
+        )
+    results.update(
+        {
+            "threads": args.threads,
+            "provider": enc.provider,
+            "torch": torch.__version__,
+            "grid": list(cfg.grid),
+        }
+    )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -48,9 +48,7 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, str | None]
             raise InputError(f, f"cannot read DICOM: truncated or corrupt file ({err})") from err
         missing = [k for k in REQUIRED_KEYWORDS if k not in ds]
         if missing:
-            raise InputError(
-                f, f"cannot read DICOM: truncated or corrupt file (no {', '.join(missing)})"
-            )
+            raise InputError(f, f"cannot read DICOM: truncated or corrupt file (no {', '.join(missing)})")
         datasets.append((f, ds))
     if not datasets:
         raise InputError(folder, "DICOM folder holds no file")
