@@ -25,7 +25,7 @@ import fcntl
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -167,6 +167,46 @@ class AuditEntry(BaseModel):
             provider=provider,
             error=error.splitlines()[0] if error else "unknown error",
         )
+
+
+def undecided_entries(
+    run_id: str,
+    err: BaseException,
+    policy_id: str,
+    policy_sha256: str,
+    provider: str,
+    candidate_sha256s: Sequence[str | None],
+    sample_ids: Sequence[str | None] | None = None,
+    seed: int | None = None,
+) -> list[AuditEntry]:
+    """One ``error`` entry per candidate of a batch that could not be decided (fail closed).
+
+    Args:
+        run_id: the run.
+        err: what stopped the decision; recorded as ``<type>: <message>``.
+        policy_id: id of the policy in force.
+        policy_sha256: its sha256.
+        provider: onnxruntime provider in use.
+        candidate_sha256s: voxel hash per candidate (None where no voxels exist yet).
+        sample_ids: sample id per candidate (None: none).
+        seed: the run seed, if any.
+
+    """
+    message = f"{type(err).__name__}: {err}"
+    ids = list(sample_ids) if sample_ids is not None else [None] * len(candidate_sha256s)
+    return [
+        AuditEntry.for_error(
+            run_id,
+            message,
+            policy_id,
+            policy_sha256,
+            provider,
+            candidate_sha256=sha,
+            sample_id=sid,
+            seed=seed,
+        )
+        for sha, sid in zip(candidate_sha256s, ids, strict=True)
+    ]
 
 
 class AuditRecord(AuditEntry):

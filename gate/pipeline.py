@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gate.audit import AuditEntry, AuditLog, new_run_id
+from gate.audit import AuditEntry, AuditLog, new_run_id, undecided_entries
 from gate.bundle import BundleWriter, PassedSample, Provenance
 from gate.decide import decide
 from gate.digest import sha256_voxels
@@ -294,7 +294,12 @@ def run_generate(
             decisions: list[Decision] = [decide(nb, policy, index.calibration) for nb in neighbours]
             t = clock.add("decide", t)
         except Exception as err:
-            _audit_errors(audit, run_id, request.seed, start, count, volumes, err, policy, provider)
+            shas = [sha256_voxels(volumes[j].data) if j < len(volumes) else None for j in range(count)]
+            sample_ids = [f"s{start + j:06d}" for j in range(count)]
+            for entry in undecided_entries(
+                run_id, err, policy.id, policy.sha256, provider, shas, sample_ids, request.seed
+            ):
+                audit.append(entry)
             raise
         for j, (volume, decision) in enumerate(zip(volumes, decisions, strict=True)):
             sample_id = f"s{start + j:06d}"
@@ -351,34 +356,6 @@ def run_generate(
         clock.add("export", t)
     log.info("run %s: %d/%d candidates passed", run_id, result.passed, result.candidates)
     return result
-
-
-def _audit_errors(
-    audit: AuditLog,
-    run_id: str,
-    seed: int,
-    start: int,
-    count: int,
-    volumes: list[Volume],
-    err: Exception,
-    policy: LoadedPolicy,
-    provider: str,
-) -> None:
-    """One ``error`` record per candidate of a batch that could not be decided (fail closed)."""
-    message = f"{type(err).__name__}: {err}"
-    for j in range(count):
-        audit.append(
-            AuditEntry.for_error(
-                run_id,
-                message,
-                policy.id,
-                policy.sha256,
-                provider,
-                candidate_sha256=sha256_voxels(volumes[j].data) if j < len(volumes) else None,
-                sample_id=f"s{start + j:06d}",
-                seed=seed,
-            )
-        )
 
 
 def write_memorization(folder: Path, result: GenerateResult) -> Path:

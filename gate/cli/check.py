@@ -11,15 +11,15 @@ from typing import Any
 import click
 
 from gate import __version__
-from gate.audit import AuditEntry, AuditLog, new_run_id
+from gate.audit import AuditEntry, AuditLog, new_run_id, undecided_entries
 from gate.cli.index import encoder_options, load_encoder, read_all
 from gate.cli.options import input_options, read_options
 from gate.decide import decide
 from gate.digest import sha256_voxels
 from gate.errors import ExitCode, InputError
 from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
-from gate.policy import LoadedPolicy, load_policy
-from gate.values import Decision, Neighbours, Verdict, Volume
+from gate.policy import load_policy
+from gate.values import Decision, Neighbours, Verdict
 
 DEFAULT_POLICY = "strict"
 """Fail closed: without --policy, the strictest shipped policy applies."""
@@ -105,7 +105,9 @@ def check(
         )
         decisions = [decide(n, policy, index.calibration) for n in neighbours]
     except Exception as err:
-        _audit_failed(audit, run_id, volumes, f"{type(err).__name__}: {err}", policy, provider)
+        shas = [sha256_voxels(v.data) for v in volumes]
+        for entry in undecided_entries(run_id, err, policy.id, policy.sha256, provider, shas):
+            audit.append(entry)
         raise
     for vol, dec in zip(volumes, decisions, strict=True):
         audit.append(
@@ -171,17 +173,6 @@ def _problem(err: InputError) -> str:
         if name:
             problem = problem.replace(name, "<input>")
     return f"unreadable input: {problem}"
-
-
-def _audit_failed(
-    audit: AuditLog, run_id: str, volumes: list[Volume], message: str, policy: LoadedPolicy, provider: str
-) -> None:
-    for vol in volumes:
-        audit.append(
-            AuditEntry.for_error(
-                run_id, message, policy.id, policy.sha256, provider, candidate_sha256=sha256_voxels(vol.data)
-            )
-        )
 
 
 def _result(source: str, dec: Decision, neighbours: Neighbours) -> dict[str, Any]:
