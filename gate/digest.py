@@ -32,6 +32,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_source(source: Path) -> str:
+    """sha256 of a source: a file's bytes, or the sorted (name, sha256) list of a DICOM folder's files.
+
+    Hidden files (dot-names) in a folder are skipped, as :func:`gate.volume.discover` does.
+    """
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sha256_json([[p.name, sha256_file(p)] for p in files])
+    return sha256_file(source)
+
+
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: the byte form that digests are taken of."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
+from gate.digest import sha256_source
 from gate.errors import InputError, UsageError
 
 ID_HEX_CHARS = 16
@@ -100,7 +101,10 @@ class Pseudonymizer:
             path: the file (or DICOM folder without PatientID).
 
         Returns:
-            The label; the default (one file = one patient) is the path itself.
+            The label; the default (one file = one patient) is the sha256 of the file's bytes
+            (:func:`gate.digest.sha256_source`, as recorded in index manifests), so the id does not depend
+            on where the data sits: an index built on one machine and checked on another, or
+            reached through a symlinked split, gives the same file the same id.
 
         """
         for key in (str(path), path.name):
@@ -113,7 +117,7 @@ class Pseudonymizer:
                     path, f"file name does not match the patient-id pattern {self.pattern.pattern!r}"
                 )
             return match.group("patient")
-        return str(path.resolve())
+        return "sha256:" + sha256_source(path)
 
 
 def read_mapping_csv(path: Path) -> dict[str, str]:

@@ -16,9 +16,8 @@ import numpy as np
 from gate.audit import AuditEntry, AuditLog
 from gate.bundle import BundleWriter, Provenance
 from gate.calibration import leave_one_patient_out
-from gate.cli.index import source_sha256
 from gate.decide import decide
-from gate.digest import sha256_voxels
+from gate.digest import sha256_source, sha256_voxels
 from gate.identity import Pseudonymizer
 from gate.index import TrainingIndex, build_index, embed_volumes
 from gate.policy import LoadedPolicy, load_policy
@@ -74,7 +73,7 @@ def make_training(root: Path) -> Training:
     data.mkdir(parents=True)
     paths = [write_nifti(data / f"case_{i:03d}.nii.gz", make_blob(SHAPE, seed=i)) for i in range(N_TRAIN)]
     volumes = [read_volumes(p, read_opts())[0] for p in paths]
-    shas = [source_sha256(p) for p in paths]
+    shas = [sha256_source(p) for p in paths]
     encoder = ProjectionEncoder(dim=16)
     probes = embed_volumes(volumes, encoder)
     ids = [v.patient_id for v in volumes]

@@ -49,3 +49,21 @@ def test_mapping_csv(tmp_path: Path) -> None:
     path.write_text("name,id\na,b\n")
     with pytest.raises(InputError, match="needs the header columns 'file,patient'"):
         read_mapping_csv(path)
+
+
+def test_default_label_is_the_content_not_the_location(tmp_path: Path) -> None:
+    """One file = one patient, keyed by its bytes: a moved, renamed or symlinked copy keeps its id."""
+    p = Pseudonymizer(key=TEST_KEY)
+    a = tmp_path / "site-a" / "scan.nii.gz"
+    b = tmp_path / "site-b" / "other-name.nii.gz"
+    link = tmp_path / "split" / "scan.nii.gz"
+    for path in (a, b, link):
+        path.parent.mkdir()
+    a.write_bytes(b"volume one")
+    b.write_bytes(b"volume one")
+    link.symlink_to(a)
+    other = tmp_path / "site-a" / "scan2.nii.gz"
+    other.write_bytes(b"volume two")
+    ids = {p.pseudonym(p.label_for(x)) for x in (a, b, link)}
+    assert len(ids) == 1 and p.pseudonym(p.label_for(other)) not in ids
+    assert str(tmp_path) not in p.label_for(a)

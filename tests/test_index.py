@@ -383,9 +383,21 @@ def test_leave_one_patient_out_queries_only_given_rows() -> None:
     assert as_read.similarities == pytest.approx((0.6, 0.96))
 
 
+def test_shipped_index_ids_are_demo_key_hashes_of_file_digests() -> None:
+    """Every bundled row's pseudonym is HMAC(demo key, sha256 of its file): no machine path in it."""
+    from gate.identity import Pseudonymizer, load_or_create_key
+    from gate.index import DEFAULT_INDEX_DIR
+
+    key = Path(gate.index.__file__).parent / "models" / "demo-pseudonym.key"
+    pseudo = Pseudonymizer(load_or_create_key(key))
+    rows = json.loads((DEFAULT_INDEX_DIR / MANIFEST_FILE).read_text())["rows"]
+    assert len({r["patient_id"] for r in rows}) == len(rows) == 261
+    assert all(r["patient_id"] == pseudo.pseudonym("sha256:" + r["file_sha256"]) for r in rows)
+
+
 @pytest.mark.realdata
-def test_shipped_index_ids_come_from_the_shipped_demo_key(hippocampus_dir: Path) -> None:
-    """The bundled index's pseudonyms are HMACs under gate/models/demo-pseudonym.key (public data)."""
+def test_shipped_index_ids_come_from_the_shipped_demo_key(hippocampus_dir: Path, tmp_path: Path) -> None:
+    """Reading a public MSD file with the demo key, from anywhere, gives a bundled index id."""
     from gate.identity import Pseudonymizer, load_or_create_key
     from gate.index import DEFAULT_INDEX_DIR
     from gate.volume import ReadOptions, read_volumes
@@ -394,5 +406,9 @@ def test_shipped_index_ids_come_from_the_shipped_demo_key(hippocampus_dir: Path)
     manifest = json.loads((DEFAULT_INDEX_DIR / MANIFEST_FILE).read_text())
     ids = {r["patient_id"] for r in manifest["rows"]}
     options = ReadOptions(pseudonymizer=Pseudonymizer(load_or_create_key(key)))
+    moved = tmp_path / "elsewhere" / "renamed.nii.gz"
+    moved.parent.mkdir()
+    moved.write_bytes((hippocampus_dir / "hippocampus_001.nii.gz").read_bytes())
     (vol,) = read_volumes(hippocampus_dir / "hippocampus_001.nii.gz", options)
-    assert vol.patient_id in ids and len(ids) == 261
+    (copy,) = read_volumes(moved, options)
+    assert vol.patient_id in ids and copy.patient_id == vol.patient_id

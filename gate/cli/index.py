@@ -11,7 +11,7 @@ import numpy as np
 
 from gate.calibration import Calibration, holdout, leave_one_patient_out
 from gate.cli.options import input_options, read_options
-from gate.digest import sha256_file, sha256_json
+from gate.digest import sha256_source
 from gate.errors import ExitCode, InputError
 from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index, embed_volumes
 from gate.poses import POSE_SETS
@@ -49,14 +49,6 @@ def load_encoder(encoder_dir: Path | None, device: str) -> EmbeddingModel:
     return Encoder(encoder_dir or DEFAULT_ENCODER_DIR, device=device)  # type: ignore[arg-type]
 
 
-def source_sha256(source: Path) -> str:
-    """sha256 of a file, or of the sorted (name, sha256) list of a DICOM series folder's files."""
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
-        return sha256_json([[p.name, sha256_file(p)] for p in files])
-    return sha256_file(source)
-
-
 def read_all(paths: list[Path], options: ReadOptions) -> tuple[list[Volume], list[str], list[InputError]]:
     """Read every source; collect (never skip silently) the ones that fail.
 
@@ -79,7 +71,7 @@ def read_all(paths: list[Path], options: ReadOptions) -> tuple[list[Volume], lis
         except InputError as err:
             errors.append(err)
             continue
-        digest = source_sha256(source)
+        digest = sha256_source(source)
         volumes.extend(vols)
         hashes.extend([digest] * len(vols))
     return volumes, hashes, errors
