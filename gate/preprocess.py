@@ -229,19 +229,47 @@ def preprocess(volume: Volume, config: PreprocessConfig) -> Volume:
     return crop_or_pad(preprocess_uncropped(volume, config), config.grid)
 
 
-def preprocess_batch(volumes: list[Volume], config: PreprocessConfig) -> np.ndarray:
+def preprocess_with_margin(volume: Volume, config: PreprocessConfig, margin: int) -> np.ndarray:
+    """The preprocessed grid with ``margin`` more voxels of the scan (or zeros) on every side.
+
+    The volume is zero-padded by ``margin`` before the centred crop/pad to the enlarged grid,
+    so the centre window ``[m:-m, m:-m, m:-m]`` equals :func:`preprocess` exactly, whatever
+    the parity of the scan and grid sizes.
+
+    Args:
+        volume: as read from disk.
+        config: preprocessing.
+        margin: voxels added on each side, >= 0.
+
+    Returns:
+        float32 (X + 2 margin, Y + 2 margin, Z + 2 margin).
+
+    """
+    if margin == 0:
+        return preprocess(volume, config).data
+    v = preprocess_uncropped(volume, config)
+    padded = np.pad(v.data, margin, mode="constant", constant_values=0.0)
+    shift = np.eye(4)
+    shift[:3, 3] = -margin
+    wide = tuple(g + 2 * margin for g in config.grid)
+    out = crop_or_pad(Volume(padded, v.affine @ shift, v.spacing, v.source, v.patient_id), wide)  # type: ignore[arg-type]
+    return out.data
+
+
+def preprocess_batch(volumes: list[Volume], config: PreprocessConfig, margin: int = 0) -> np.ndarray:
     """Preprocess several volumes into one network input.
 
     Args:
         volumes: N volumes of any shape.
         config: preprocessing config.
+        margin: extra voxels of context on every side (:func:`preprocess_with_margin`).
 
     Returns:
-        float32 array (N, 1, X, Y, Z) on ``config.grid``.
+        float32 array (N, 1, X + 2 margin, Y + 2 margin, Z + 2 margin); ``config.grid`` for margin 0.
 
     """
-    grid = config.grid
+    grid = tuple(g + 2 * margin for g in config.grid)
     out = np.empty((len(volumes), 1, *grid), dtype=np.float32)
     for i, vol in enumerate(volumes):
-        out[i, 0] = preprocess(vol, config).data
+        out[i, 0] = preprocess_with_margin(vol, config, margin)
     return out

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from gate.embed import Encoder
-from gate.encoder.augment import AugmentConfig, augment, border_cut, gaussian_blur, spatial
+from gate.encoder.augment import (
+    AugmentConfig,
+    augment,
+    border_cut,
+    centre_window,
+    gaussian_blur,
+    random_window,
+    spatial,
+)
 from gate.encoder.export import export_encoder
 from gate.encoder.model import EncoderSpec, build_encoder
 from gate.encoder.ssim import ssim3d, ssim_matrix
@@ -32,14 +40,16 @@ NONE = AugmentConfig(
     blur_sigma=0.0,
     noise_std=0.0,
     border_cut_vox=0,
+    window_shift_vox=0,
 )
 
 
-def _blobs(n: int, seed: int = 0) -> torch.Tensor:
-    """n smooth random volumes in [0, 1], shape (n, 1, 16, 16, 16)."""
+def _blobs(n: int, seed: int = 0, margin: int = 0) -> torch.Tensor:
+    """n smooth random volumes in [0, 1], shape (n, 1, 16 + 2 margin, 16 + 2 margin, 16 + 2 margin)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand((n, 1, 4, 4, 4), generator=g)
-    x = torch.nn.functional.interpolate(x, size=GRID, mode="trilinear", align_corners=True)
+    size = tuple(s + 2 * margin for s in GRID)
+    x = torch.nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=True)
     return (x - x.amin(dim=(2, 3, 4), keepdim=True)) / (
         x.amax(dim=(2, 3, 4), keepdim=True) - x.amin(dim=(2, 3, 4), keepdim=True)
     )
@@ -93,6 +103,46 @@ def test_border_cut_zeroes_one_slab_per_axis() -> None:
     assert torch.all((y == 0) | (y == 1))
     assert torch.all(y[:, :, 4:-4, 4:-4, 4:-4] == 1)
     torch.testing.assert_close(border_cut(x, 0, torch.Generator().manual_seed(0)), x)
+
+
+def test_random_window_moves_the_crop_over_real_context() -> None:
+    x = _blobs(32, margin=3)
+    y = random_window(x, 3, torch.Generator().manual_seed(0))
+    assert y.shape == (32, 1, *GRID)
+    offsets = set()
+    for i in range(32):  # every window is a crop of its own volume at an offset in 0..6
+        hits = [
+            (a, b, c)
+            for a in range(7)
+            for b in range(7)
+            for c in range(7)
+            if torch.equal(y[i], x[i, :, a : a + 16, b : b + 16, c : c + 16])
+        ]
+        assert hits
+        offsets.update(hits)
+    assert len(offsets) > 8  # offsets vary per sample
+    torch.testing.assert_close(centre_window(x, 3), x[:, :, 3:19, 3:19, 3:19])
+    assert random_window(x, 0, torch.Generator()) is x and centre_window(x, 0) is x
+
+
+@pytest.mark.realdata
+def test_centre_window_is_the_preprocessed_grid(hippocampus_dir: Path, read_opts: object) -> None:
+    """The centre window of the grid-plus-margin preprocessing == the grid, for any size parity."""
+    from gate.preprocess import preprocess_batch
+    from gate.volume import read_volumes
+
+    vols = [
+        v
+        for i in (1, 3, 4, 6)
+        for v in read_volumes(hippocampus_dir / f"hippocampus_{i:03d}.nii.gz", read_opts)
+    ]
+    assert len({s % 2 for v in vols for s in v.data.shape}) == 2  # odd and even sizes
+    cfg = PreprocessConfig()
+    wide = preprocess_batch(vols, cfg, margin=3)
+    assert wide.shape == (4, 1, 38, 54, 38)
+    torch.testing.assert_close(
+        centre_window(torch.from_numpy(wide), 3), torch.from_numpy(preprocess_batch(vols, cfg))
+    )
 
 
 def test_augment_ranges_and_reproducibility() -> None:
@@ -180,8 +230,9 @@ def test_ssim3d() -> None:
 # ---------------------------------------------------------------- training
 
 
-def _config(objective: str = "contrastive", epochs: int = 2) -> TrainConfig:
+def _config(objective: str = "contrastive", epochs: int = 2, margin: int = 3) -> TrainConfig:
     return TrainConfig(
+        augment=AugmentConfig(window_shift_vox=margin),
         objective=objective,
         epochs=epochs,
         batch_size=4,
@@ -194,7 +245,7 @@ def _config(objective: str = "contrastive", epochs: int = 2) -> TrainConfig:
 
 @pytest.mark.parametrize("objective", ["contrastive", "ssim"])
 def test_training_resumes_exactly(tmp_path: Path, objective: str) -> None:
-    data = _blobs(5).numpy()
+    data = _blobs(5, margin=3).numpy()
     full = train(data, _config(objective), tmp_path / "a", "d" * 64, holdout=_blobs(2, seed=9).numpy())
     first = train(data, _config(objective), tmp_path / "b", "d" * 64, max_epochs_this_run=1)
     assert first.epoch == 1
@@ -206,7 +257,7 @@ def test_training_resumes_exactly(tmp_path: Path, objective: str) -> None:
 
 
 def test_resume_refuses_other_run(tmp_path: Path) -> None:
-    data = _blobs(5).numpy()
+    data = _blobs(5, margin=3).numpy()
     train(data, _config(epochs=1), tmp_path, "d" * 64)
     with pytest.raises(UsageError, match="holds a checkpoint of another run"):
         train(data, _config(epochs=1), tmp_path, "e" * 64)
@@ -214,7 +265,7 @@ def test_resume_refuses_other_run(tmp_path: Path) -> None:
 
 def test_training_rejects_wrong_shape(tmp_path: Path) -> None:
     with pytest.raises(
-        UsageError, match=r"training data must be \(N, 1, 16, 16, 16\); got \(3, 1, 8, 8, 8\)"
+        UsageError, match=r"training data must be \(N, 1, 22, 22, 22\) \(the grid plus a 3-voxel"
     ):
         train(np.zeros((3, 1, 8, 8, 8), np.float32), _config(), tmp_path, "d" * 64)
 

@@ -11,12 +11,17 @@ from gate.cli import main
 from gate.embed import Encoder
 
 
-def test_train_resume_export_embed(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def _npy_folder(data: Path, n: int, seed: int) -> Path:
+    """``n`` random 16^3 .npy volumes in a new folder ``data``."""
     data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
         np.save(data / f"vol{i}.npy", rng.random((16, 16, 16)).astype(np.float32))
+    return data
+
+
+def test_train_resume_export_embed(tmp_path: Path) -> None:
+    data = _npy_folder(tmp_path / "data", 4, seed=0)
     key = ["--id-key-file", str(tmp_path / "key")]
     runner = CliRunner()
     ck = tmp_path / "ck"
@@ -56,3 +61,28 @@ def test_train_resume_export_embed(tmp_path: Path) -> None:
 def test_eval_help_lists_options() -> None:
     r = CliRunner().invoke(main, ["eval", "--help"])
     assert r.exit_code == 0 and "--encoder NAME=DIR" in r.output and "--write-split" in r.output
+
+
+def test_train_augment_overrides(tmp_path: Path) -> None:
+    """--augment FIELD=VALUE reaches the checkpoint's config; a bad field or value is one clear line."""
+    from gate.encoder.train import load_checkpoint
+
+    data = _npy_folder(tmp_path / "data", 3, seed=1)
+    base = ["encoder", "train", "--data", str(data), "--epochs", "1", "--batch-size", "2"]
+    base += ["--id-key-file", str(tmp_path / "key")]
+    runner = CliRunner()
+    ck = tmp_path / "ck"
+    args = [*base, "--out", str(ck), "--augment", "rotate_deg=5", "--augment", "gamma=[0.8, 1.2]"]
+    r = runner.invoke(main, [*args, "--augment", "window_shift_vox=0"])
+    assert r.exit_code == 0, r.output
+    aug = load_checkpoint(ck).config.augment
+    assert aug.rotate_deg == 5.0 and aug.gamma == (0.8, 1.2) and aug.window_shift_vox == 0
+    r = runner.invoke(main, [*base, "--out", str(tmp_path / "b"), "--augment", "spin=3"])
+    assert r.exit_code == 2 and "--augment spin: Extra inputs are not permitted" in r.output
+    r = runner.invoke(main, [*base, "--out", str(tmp_path / "c"), "--augment", "window_shift_vox=-1"])
+    assert (
+        r.exit_code == 2
+        and "--augment window_shift_vox: Input should be greater than or equal to 0" in r.output
+    )
+    r = runner.invoke(main, [*base, "--out", str(tmp_path / "d"), "--augment", "rotate_deg"])
+    assert r.exit_code == 2 and "--augment expects FIELD=VALUE; got 'rotate_deg'" in r.output

@@ -13,19 +13,50 @@ from gate.cli.options import input_options, read_options
 
 
 def _load_grids(
-    folder: Path, opts_args: tuple, grid: tuple[int, int, int] | None = None
+    folder: Path, opts_args: tuple, grid: tuple[int, int, int] | None = None, margin: int = 0
 ) -> tuple[object, list, str]:
-    """Read every volume under ``folder`` and preprocess it onto the grid.
+    """Read every volume under ``folder`` and preprocess it onto the grid (plus ``margin``).
 
     Returns:
-        (N, 1, X, Y, Z) array, the volumes, and the data digest (sha256 of the sorted file digests).
+        (N, 1, X + 2m, Y + 2m, Z + 2m) array, the volumes, and the data digest (sha256 of the
+        sorted file digests).
 
     """
     from gate.encoder.data import load_folder
     from gate.preprocess import PreprocessConfig
 
     cfg = PreprocessConfig() if grid is None else PreprocessConfig(grid=grid)
-    return load_folder(folder, read_options(*opts_args), cfg)
+    return load_folder(folder, read_options(*opts_args), cfg, margin)
+
+
+def parse_augment(overrides: tuple[str, ...]) -> object:
+    """``FIELD=VALUE`` strings (VALUE is YAML: a number or a ``[low, high]`` list) -> AugmentConfig.
+
+    Raises:
+        UsageError: malformed item, unknown field or bad value (pydantic's message, one line).
+
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    from gate.encoder.augment import AugmentConfig
+    from gate.errors import UsageError
+
+    values: dict[str, object] = {}
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--augment expects FIELD=VALUE; got {item!r}")
+        values[name.strip()] = yaml.safe_load(text)
+    try:
+        return AugmentConfig(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise UsageError(
+            f"--augment {field}: {first['msg']} (got {first.get('input')!r}; "
+            f"fields: {', '.join(AugmentConfig.model_fields)})"
+        ) from None
 
 
 @click.group()
@@ -73,6 +104,14 @@ def encoder() -> None:
     show_default=True,
     help="Head: flatten the 2x3x2 feature map, or average it (more shift-invariant).",
 )
+@click.option(
+    "--augment",
+    "augment_overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Override one augmentation range (repeatable), e.g. rotate_deg=5 or gamma=[0.8,1.3]; "
+    "fields and defaults: gate/encoder/augment.py.",
+)
 @click.option("--no-resume", is_flag=True, help="Refuse to continue an existing checkpoint.")
 @input_options
 def train_command(
@@ -87,6 +126,7 @@ def train_command(
     device: str,
     threads: int | None,
     pooling: str,
+    augment_overrides: tuple[str, ...],
     no_resume: bool,
     id_key_file: Path | None,
     patient_map: Path | None,
@@ -105,11 +145,10 @@ def train_command(
         torch.set_num_threads(threads)
     opts = (id_key_file, patient_map, patient_pattern, max_voxels)
     cfg = PreprocessConfig()
-    grids, _, digest = _load_grids(data_dir, opts)
-    hold = _load_grids(holdout_dir, opts)[0] if holdout_dir is not None else None
     if no_resume and (out_dir / "checkpoint.json").exists():
         raise UsageError(f"{out_dir} already holds a checkpoint and --no-resume was given; use a new --out")
     config = TrainConfig(
+        augment=parse_augment(augment_overrides),
         objective=objective,
         epochs=epochs,
         batch_size=batch_size,
@@ -118,6 +157,9 @@ def train_command(
         spec=EncoderSpec(grid=cfg.grid, pooling=pooling),  # type: ignore[arg-type]
         preprocess=cfg,
     )
+    # training volumes carry the window-shift margin; the holdout (validation only) does not
+    grids, _, digest = _load_grids(data_dir, opts, cfg.grid, config.augment.window_shift_vox)
+    hold = _load_grids(holdout_dir, opts)[0] if holdout_dir is not None else None
     click.echo(
         f"training {objective} encoder on {len(grids)} volumes (data {digest[:12]}), "  # type: ignore[arg-type]
         f"{epochs} epochs, device {device}",

@@ -14,7 +14,7 @@ from gate.volume import ReadOptions, discover, read_volumes
 
 
 def load_folder(
-    folder: Path, options: ReadOptions, config: PreprocessConfig
+    folder: Path, options: ReadOptions, config: PreprocessConfig, margin: int = 0
 ) -> tuple[np.ndarray, list[Volume], str]:
     """Read and preprocess every volume under ``folder`` (sorted by path).
 
@@ -22,10 +22,11 @@ def load_folder(
         folder: a folder or one file.
         options: reading options (pseudonymisation, size limit).
         config: preprocessing.
+        margin: voxels of extra context on every side of the grid (window-shift augmentation).
 
     Returns:
-        (N, 1, X, Y, Z) float32 grids, the raw volumes, and the data digest: sha256 of the
-        canonical JSON list of the files' sha256 in path order.
+        (N, 1, X + 2 margin, Y + 2 margin, Z + 2 margin) float32 grids, the raw volumes, and
+        the data digest: sha256 of the canonical JSON list of the files' sha256 in path order.
 
     Raises:
         UsageError: no volumes found.
@@ -39,4 +40,4 @@ def load_folder(
     for path in files:
         volumes.extend(read_volumes(path, options))
     digest = sha256_json([sha256_file(p) if p.is_file() else str(p.name) for p in files])
-    return preprocess_batch(volumes, config), volumes, digest
+    return preprocess_batch(volumes, config, margin), volumes, digest

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from gate.encoder.augment import AugmentConfig, augment
+from gate.encoder.augment import AugmentConfig, augment, centre_window, random_window
 from gate.encoder.model import Encoder3D, EncoderSpec, build_encoder
 from gate.encoder.ssim import ssim_matrix
 from gate.errors import IntegrityError, UsageError
@@ -75,6 +75,13 @@ class TrainConfig(BaseModel):
     augment: AugmentConfig = AugmentConfig()
     spec: EncoderSpec
     preprocess: PreprocessConfig
+
+    @property
+    def training_grid(self) -> tuple[int, int, int]:
+        """Shape the training volumes are preprocessed to: the grid plus the window-shift margin."""
+        m = self.augment.window_shift_vox
+        x, y, z = self.spec.grid
+        return (x + 2 * m, y + 2 * m, z + 2 * m)
 
 
 @dataclass(frozen=True)
@@ -285,7 +292,9 @@ def train(
     """Train (or resume training) and checkpoint after every epoch.
 
     Args:
-        data: (N, 1, X, Y, Z) float32 preprocessed training grids, N >= 2.
+        data: (N, 1, X + 2m, Y + 2m, Z + 2m) float32 preprocessed training grids with the
+            window-shift margin ``m = config.augment.window_shift_vox`` on every side
+            (:func:`gate.preprocess.preprocess_batch` with ``margin=m``), N >= 2.
         config: run configuration.
         out_dir: checkpoint folder; an existing checkpoint there is resumed when ``resume``.
         data_digest: digest identifying the training data (stored with the model).
@@ -302,9 +311,12 @@ def train(
         UsageError: bad data shape, CUDA unavailable, or a checkpoint from another run.
 
     """
-    if data.ndim != 5 or data.shape[1] != 1 or tuple(data.shape[2:]) != tuple(config.spec.grid):
+    margin = config.augment.window_shift_vox
+    shape = config.training_grid
+    if data.ndim != 5 or data.shape[1] != 1 or tuple(data.shape[2:]) != shape:
         raise UsageError(
-            f"training data must be (N, 1, {', '.join(map(str, config.spec.grid))}); got {data.shape}"
+            f"training data must be (N, 1, {', '.join(map(str, shape))}) (the grid plus a "
+            f"{margin}-voxel window-shift margin per side); got {data.shape}"
         )
     if len(data) < 2:
         raise UsageError(f"need at least 2 training volumes for contrastive pairs; got {len(data)}")
@@ -339,7 +351,8 @@ def train(
         gen.set_state(torch.from_numpy(ck.arrays["rng/gen"]))
         start_epoch, history = ck.epoch, ck.history
         log.info("resumed from %s at epoch %d", out_dir, start_epoch)
-    target = ssim_matrix(x_all.cpu()).to(dev) if config.objective == "ssim" else None
+    x_grid = centre_window(x_all, margin)
+    target = ssim_matrix(x_grid.cpu()).to(dev) if config.objective == "ssim" else None
     n = len(x_all)
     steps_per_epoch = max(1, n // config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -360,7 +373,8 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = _lr_at(config, epoch * steps_per_epoch + s, total)
             xb = x_all[idx]
-            v1, v2 = augment(xb, config.augment, gen), augment(xb, config.augment, gen)
+            v1 = augment(random_window(xb, margin, gen), config.augment, gen)
+            v2 = augment(random_window(xb, margin, gen), config.augment, gen)
             z = model(torch.cat([v1, v2]))
             if config.objective == "contrastive":
                 loss = nt_xent(z[: len(idx)], z[len(idx) :])
@@ -373,7 +387,7 @@ def train(
             losses.append(loss.item())
         metrics = None
         if x_hold is not None:
-            metrics = validation_metrics(model, x_all, x_hold, config.augment, seed=config.seed + 1)
+            metrics = validation_metrics(model, x_grid, x_hold, config.augment, seed=config.seed + 1)
         report = EpochReport(
             epoch + 1, config.epochs, float(np.mean(losses)), time.perf_counter() - t0, metrics
         )
