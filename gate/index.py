@@ -34,18 +34,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Protocol
 
 import hnswlib
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gate import __version__
 from gate.calibration import Calibration
 from gate.digest import sha256_file, sha256_voxels
 from gate.errors import IntegrityError, UsageError
+from gate.index_manifest import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    PSEUDONYM_PATTERN,
+    SPACE,
+    VECTORS_FILE,
+    EmbeddingModel,
+    IndexManifest,
+    IndexRow,
+    SelfTest,
+    check_compatible,
+    read_manifest,
+    read_vectors,
+)
 from gate.poses import IDENTITY_ONLY, PoseSet, posed_grids
-from gate.preprocess import PreprocessConfig
 from gate.values import Embedding, Neighbours, Volume
 
 log = logging.getLogger(__name__)
@@ -53,14 +65,6 @@ log = logging.getLogger(__name__)
 DEFAULT_INDEX_DIR = Path(__file__).resolve().parent / "models" / "index"
 """The shipped index of the shipped encoder (built on the 261 MSD hippocampus volumes)."""
 
-INDEX_FILE = "index.bin"
-VECTORS_FILE = "vectors.npy"
-MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 2
-"""Manifest format this code writes and reads."""
-
-SPACE = "cosine"
-"""hnswlib space; its distance is ``1 - cos``, converted to cosine similarity in :meth:`search`."""
 
 HNSW_M = 32
 """Graph degree. hnswlib's defaults (M=16, ef=10) gave recall@1 0.39 on near-copies at 100k;
@@ -120,90 +124,6 @@ DEFAULT_SEED = 0
 
 EMBED_BATCH = 16
 """Volumes per encoder call: 16 x 32x48x32 float32 = 3 MiB of input."""
-
-PSEUDONYM_PATTERN = r"^p-[0-9a-f]{16}$"
-"""Patient ids in the manifest must be gate pseudonyms (gate.identity), never names or paths."""
-
-
-class EmbeddingModel(Protocol):
-    """What the index needs of an encoder (:class:`gate.embed.Encoder` satisfies it)."""
-
-    sha256: str
-    dim: int
-    preprocess: PreprocessConfig
-
-    def embed_array(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 1, X, Y, Z) preprocessed float32 -> (N, D) float32 unit rows."""
-        ...
-
-
-class IndexRow(BaseModel):
-    """One indexed training volume.
-
-    Attributes:
-        patient_id: pseudonymous patient id.
-        file_sha256: sha256 of the source file (of its files' digests for a DICOM series).
-        voxel_sha256: :func:`gate.digest.sha256_voxels` of the preprocessed grid (as read).
-
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    patient_id: str = Field(pattern=PSEUDONYM_PATTERN)
-    file_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    voxel_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class SelfTest(BaseModel):
-    """Result of planting perturbed copies of training vectors and searching for them.
-
-    Attributes:
-        probes: planted copies per cosine level.
-        cosines: cosine of the copies to their source.
-        recall_at_1: fraction whose top result is the source (or a row at least as close).
-        passed: recall_at_1 == 1.0.
-
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    probes: int
-    cosines: tuple[float, ...]
-    recall_at_1: float
-    passed: bool
-
-
-class IndexManifest(BaseModel):
-    """Everything that identifies an index and is checked at load. No names, no paths.
-
-    ``rows`` holds one entry per training volume; the index holds ``len(poses)`` vectors per
-    volume, volume-major: vector ``i`` is volume ``i // len(poses)`` under pose ``i % len(poses)``.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format_version: int
-    space: str
-    dim: int = Field(ge=1)
-    M: int = Field(ge=2)
-    ef_construction: int = Field(ge=1)
-    ef: int = Field(ge=1)
-    candidates: int = Field(ge=1)
-    count: int = Field(ge=1)
-    n_patients: int = Field(ge=1)
-    seed: int
-    encoder_sha256: str
-    preprocess_digest: str
-    preprocess: PreprocessConfig
-    poses: PoseSet
-    poses_digest: str
-    index_sha256: str
-    vectors_sha256: str
-    rows: tuple[IndexRow, ...]
-    calibration: Calibration
-    self_test: SelfTest
-    gate_version: str
-    hnswlib_version: str
 
 
 @dataclass(frozen=True)
@@ -489,8 +409,8 @@ class TrainingIndex:
             IntegrityError: any mismatch, with what was expected and found.
 
         """
-        manifest = _read_manifest(index_dir)
-        _check_compatible(index_dir, manifest, encoder)
+        manifest = read_manifest(index_dir)
+        check_compatible(index_dir, manifest, encoder)
         for name, expected in ((INDEX_FILE, manifest.index_sha256), (VECTORS_FILE, manifest.vectors_sha256)):
             path = index_dir / name
             if not path.is_file():
@@ -501,7 +421,7 @@ class TrainingIndex:
                     f"{path}: sha256 {found[:12]}… does not match the manifest's {expected[:12]}…; "
                     "the file was modified or replaced; rebuild the index"
                 )
-        vectors = _read_vectors(index_dir / VECTORS_FILE, manifest)
+        vectors = read_vectors(index_dir / VECTORS_FILE, manifest)
         graph = hnswlib.Index(space=SPACE, dim=manifest.dim)
         try:
             graph.load_index(str(index_dir / INDEX_FILE), max_elements=manifest.count)
@@ -577,80 +497,3 @@ class TrainingIndex:
 
         """
         return self.search_many([embedding], [voxel_sha256], k)[0]
-
-
-def _read_manifest(index_dir: Path) -> IndexManifest:
-    path = index_dir / MANIFEST_FILE
-    if not path.is_file():
-        raise IntegrityError(f"{path}: not found; expected an index folder written by `gate index build`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise IntegrityError(f"{path}: unreadable JSON ({err}); rebuild the index") from err
-    if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
-        raise IntegrityError(
-            f"{path}: format_version {data.get('format_version')!r}; "
-            f"this gate reads {FORMAT_VERSION}; rebuild it"
-        )
-    try:
-        return IndexManifest.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise IntegrityError(
-            f"{path}: invalid manifest at {where}: {first['msg']}; rebuild the index"
-        ) from err
-
-
-def _check_compatible(index_dir: Path, manifest: IndexManifest, encoder: EmbeddingModel) -> None:
-    if manifest.space != SPACE:
-        raise IntegrityError(f"{index_dir}: space {manifest.space!r}; expected {SPACE!r}")
-    if manifest.encoder_sha256 != encoder.sha256:
-        raise IntegrityError(
-            f"{index_dir}: built with encoder {manifest.encoder_sha256[:12]}…, but the encoder in use is "
-            f"{encoder.sha256[:12]}…; pass the matching --encoder or rebuild with `gate index build`"
-        )
-    if manifest.dim != encoder.dim:
-        raise IntegrityError(
-            f"{index_dir}: dimension {manifest.dim}, but the encoder makes {encoder.dim}-d embeddings; "
-            "rebuild the index with this encoder"
-        )
-    if (
-        manifest.preprocess_digest != encoder.preprocess.digest
-        or manifest.preprocess.digest != manifest.preprocess_digest
-    ):
-        raise IntegrityError(
-            f"{index_dir}: preprocessing digest {manifest.preprocess_digest[:12]}… differs from "
-            f"the encoder's "
-            f"{encoder.preprocess.digest[:12]}…; rebuild the index with this encoder"
-        )
-    if not manifest.self_test.passed or manifest.self_test.recall_at_1 < 1.0:
-        raise IntegrityError(
-            f"{index_dir}: build self-test recall@1 {manifest.self_test.recall_at_1:.4f} < 1.0; refusing an "
-            "index that misses near-copies; rebuild it"
-        )
-    if manifest.poses.digest != manifest.poses_digest:
-        raise IntegrityError(
-            f"{index_dir}: poses digest {manifest.poses_digest[:12]}… does not match the recorded poses "
-            f"({manifest.poses.digest[:12]}…); the manifest was edited; rebuild the index"
-        )
-    if len(manifest.rows) * len(manifest.poses) != manifest.count:
-        raise IntegrityError(
-            f"{index_dir}: manifest lists {len(manifest.rows)} volumes x {len(manifest.poses)} poses "
-            f"but count {manifest.count}"
-        )
-
-
-def _read_vectors(path: Path, manifest: IndexManifest) -> np.ndarray:
-    try:
-        vectors = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise IntegrityError(f"{path}: unreadable ({err}); rebuild the index") from err
-    if vectors.shape != (manifest.count, manifest.dim) or vectors.dtype != np.float32:
-        raise IntegrityError(
-            f"{path}: {vectors.dtype} {vectors.shape}; expected float32 ({manifest.count}, {manifest.dim})"
-        )
-    norms = np.linalg.norm(vectors, axis=1)
-    if not np.all(np.isfinite(vectors)) or np.max(np.abs(norms - 1.0)) > 1e-3:
-        raise IntegrityError(f"{path}: rows must be finite unit vectors; rebuild the index")
-    return vectors

@@ -209,7 +209,7 @@ def test_refuses_missing_or_foreign_manifest(
     with pytest.raises(IntegrityError, match=r"manifest.json: not found; expected an index folder"):
         TrainingIndex.load(tmp_path / "nowhere", encoder)
     _edit_manifest(index_dir, format_version=99)
-    with pytest.raises(IntegrityError, match=r"format_version 99; this gate reads 2; rebuild it"):
+    with pytest.raises(IntegrityError, match=r"format_version 99; this gate reads 3; rebuild it"):
         TrainingIndex.load(index_dir, encoder)
 
 
@@ -361,7 +361,7 @@ def test_build_refuses_probe_count_not_matching_poses(tmp_path: Path, encoder: P
     v = unit_rows(10, DIM)
     probes = [Probe(Embedding(x, encoder.sha256), "a" * 64) for x in v]
     cal = leave_one_patient_out(v, [pid(i) for i in range(10)], 0)
-    with pytest.raises(UsageError, match=r"and 62 probe\(s\) per volume; got 10 probes, 10 ids, 10 hashes"):
+    with pytest.raises(UsageError, match=r"and 86 probe\(s\) per volume; got 10 probes, 10 ids, 10 hashes"):
         build_index(
             probes,
             [pid(i) for i in range(10)],

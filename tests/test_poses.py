@@ -10,7 +10,17 @@ import torch
 from pydantic import ValidationError
 
 from gate.encoder.augment import spatial
-from gate.poses import DEFAULT_POSES, IDENTITY_ONLY, POSE_SETS, Pose, PoseSet, apply_pose, posed_grids
+from gate.poses import (
+    DEFAULT_POSES,
+    IDENTITY_ONLY,
+    MIN_KEPT_VOX,
+    POSE_SETS,
+    Pose,
+    PoseSet,
+    apply_pose,
+    cut_slices,
+    posed_grids,
+)
 from gate.preprocess import PreprocessConfig, preprocess, preprocess_uncropped
 from gate.values import Volume
 
@@ -91,9 +101,32 @@ def test_window_shift_brings_in_anatomy_beyond_the_grid() -> None:
     np.testing.assert_array_equal(flipped, as_read[::-1])
 
 
+def test_window_cut_recentres_what_is_left() -> None:
+    """A cut-short field of view: the rest re-centres on the grid, the cut side becomes padding."""
+    rng = np.random.default_rng(1)
+    raw = Volume(rng.random((20, 10, 12)).astype(np.float32) + 1.0, np.eye(4), (1.0, 1.0, 1.0), "v", "p-1")
+    cfg = PreprocessConfig(grid=(12, 12, 12))
+    poses = PoseSet(poses=(Pose(), Pose(window_cut_vox=(4, -2, 0)), Pose(window_cut_vox=(0, 0, -30))))
+    _, cut, floor = posed_grids(raw, cfg, poses)
+    full = preprocess_uncropped(raw, cfg).data
+    expected = np.zeros((12, 12, 12), np.float32)
+    # X: 4 cut at the low end leaves 16, centre crop starts at 2 -> scan voxels 6..17;
+    # Y: 2 cut at the high end leaves 8, padded by 2 on each side; Z untouched (12 = grid)
+    expected[:, 2:10, :] = full[6:18, 0:8, :]
+    np.testing.assert_allclose(cut, expected, atol=1e-6)
+    # never fewer than MIN_KEPT_VOX voxels: a 30-voxel cut of a 12-voxel axis keeps 8
+    assert cut_slices((20, 10, 12), (0, 0, -30))[2] == slice(0, MIN_KEPT_VOX)
+    np.testing.assert_allclose(floor[:, :, 2:10], preprocess(raw, cfg).data[:, :, :8], atol=1e-6)
+    assert not Pose(window_cut_vox=(0, 0, 1)).is_identity
+
+
 def test_default_pose_set_and_digest() -> None:
-    assert len(DEFAULT_POSES) == 62 and POSE_SETS["default"] is DEFAULT_POSES
+    assert len(DEFAULT_POSES) == 86 and POSE_SETS["default"] is DEFAULT_POSES
     assert sum(any(p.window_shift_vox) for p in DEFAULT_POSES.poses) == 16
+    cuts = [p.window_cut_vox for p in DEFAULT_POSES.poses if any(p.window_cut_vox)]
+    assert len(cuts) == 16 and {abs(c) for cut in cuts for c in cut} == {3, 5}
+    turns = [p.rotate_deg for p in DEFAULT_POSES.poses if all(p.rotate_deg)]  # body diagonals
+    assert len(turns) == 8 and all(np.linalg.norm(r) == pytest.approx(10.0) for r in turns)
     assert len(IDENTITY_ONLY) == 1 and DEFAULT_POSES.poses[0].is_identity
     assert sum(p.flip for p in DEFAULT_POSES.poses) == 1
     shifts = [np.linalg.norm(p.translate_vox) for p in DEFAULT_POSES.poses]

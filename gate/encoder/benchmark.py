@@ -33,7 +33,7 @@ import torch
 
 from gate.encoder.augment import BIAS_CONTROL, ELASTIC_CONTROL, gaussian_blur, smooth_field, spatial
 from gate.encoder.ssim import set_stats, ssim_to_set
-from gate.poses import IDENTITY_ONLY, PoseSet, posed_grids
+from gate.poses import IDENTITY_ONLY, PoseSet, cut_slices, posed_grids
 from gate.preprocess import PreprocessConfig, preprocess
 from gate.values import Volume
 
@@ -165,11 +165,9 @@ def perturb(
         out = []
         for v in raws:
             cut = int(severity)
-            sl = []
-            for size in v.data.shape:
-                c = min(cut, size - 8)
-                sl.append(slice(c, None) if rng.random() < 0.5 else slice(0, size - c))
-            data = np.ascontiguousarray(v.data[tuple(sl)])
+            signs = [1 if rng.random() < 0.5 else -1 for _ in range(3)]
+            sl = cut_slices(v.data.shape, (signs[0] * cut, signs[1] * cut, signs[2] * cut))
+            data = np.ascontiguousarray(v.data[sl])
             shift = np.eye(4)
             shift[:3, 3] = [s.start or 0 for s in sl]
             out.append(
