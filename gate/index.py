@@ -117,7 +117,8 @@ DEFAULT_K = 5
 BUILD_THREADS = 1
 """Single-threaded insertion makes the graph, and so index.bin's sha256, reproducible. Measured
 build time on one core: 2.9 s at 10k, 113 s at 100k, 27 min at 1M rows of 128-d
-(docs/benchmarks.md); the shipped 16,182-row index builds in ~2 min, embedding included."""
+(docs/benchmarks.md); the shipped 22,446-row index (261 volumes x 86 poses) builds in ~3 min,
+embedding included."""
 
 DEFAULT_SEED = 0
 """Seed of hnswlib's level generator and of the self-test's perturbations."""
