@@ -1,7 +1,7 @@
 """Which index poses? The detection benchmark for one encoder under several pose sets, one run.
 
 Scores the same candidates (exact copies, every family at every severity, holdout patients)
-against the train split indexed under each pose set of :data:`CHOICES`, with exact search, as
+against the train split indexed under each pose set of :func:`choices`, with exact search, as
 ``gate eval`` does for ``NAME+poses``. The encoder must be trained on the split's train half
 (``gate eval --write-split``; docs/encoder.md)::
 
@@ -25,7 +25,7 @@ import torch
 from gate.embed import Encoder
 from gate.encoder import benchmark as bm
 from gate.identity import Pseudonymizer
-from gate.poses import CORNERS, DEFAULT_POSES, Pose, PoseSet
+from gate.poses import CORNERS, DEFAULT_POSES, EDGES, Pose, PoseSet
 from gate.preprocess import PreprocessConfig, preprocess_batch
 from gate.volume import ReadOptions, discover, read_volumes
 
@@ -38,20 +38,10 @@ def _cuts(sizes: tuple[int, ...]) -> list[Pose]:
     return [Pose(window_cut_vox=(sx * c, sy * c, sz * c)) for c in sizes for sx, sy, sz in CORNERS]
 
 
-def _diagonal_turns(deg: float, corners: bool) -> list[Pose]:
-    """Turns of ``deg`` degrees about the 8 body (``corners``) or 12 face diagonals."""
-    if corners:
-        c = deg / math.sqrt(3.0)
-        return [Pose(rotate_deg=(sx * c, sy * c, sz * c)) for sx, sy, sz in CORNERS]
+def _face_diagonal_turns(deg: float) -> list[Pose]:
+    """Turns of ``deg`` degrees about the 12 face diagonals (the shipped set turns about the 8 body ones)."""
     c = deg / math.sqrt(2.0)
-    out = []
-    for a, b in ((0, 1), (0, 2), (1, 2)):
-        for sa in (-1, 1):
-            for sb in (-1, 1):
-                r = [0.0, 0.0, 0.0]
-                r[a], r[b] = sa * c, sb * c
-                out.append(Pose(rotate_deg=(r[0], r[1], r[2])))
-    return out
+    return [Pose(rotate_deg=(ex * c, ey * c, ez * c)) for ex, ey, ez in EDGES]
 
 
 def choices() -> dict[str, PoseSet]:
@@ -69,9 +59,7 @@ def choices() -> dict[str, PoseSet]:
         "plus_cuts_3": PoseSet(poses=(*base.poses, *_cuts((3,)))),
         "plus_cuts_3_5": PoseSet(poses=(*base.poses, *_cuts((3, 5)))),
         "shipped_86": DEFAULT_POSES,
-        "plus_cuts_3_5_edge_turns": PoseSet(
-            poses=(*base.poses, *_cuts((3, 5)), *_diagonal_turns(10.0, corners=False))
-        ),
+        "plus_cuts_3_5_edge_turns": PoseSet(poses=(*base.poses, *_cuts((3, 5)), *_face_diagonal_turns(10.0))),
     }
 
 
@@ -81,7 +69,7 @@ def main() -> None:
     ap.add_argument("--encoder", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", nargs="*", default=None, help="names from CHOICES")
+    ap.add_argument("--only", nargs="*", default=None, help="names from choices()")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     files = discover([args.data])

@@ -195,6 +195,18 @@ CORNERS = tuple((sx, sy, sz) for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 
 """The 8 sign patterns of the body diagonals."""
 
 
+def _edge(a: int, b: int, sa: float, sb: float) -> tuple[float, float, float]:
+    v = [0.0, 0.0, 0.0]
+    v[a], v[b] = sa, sb
+    return (v[0], v[1], v[2])
+
+
+EDGES = tuple(
+    _edge(a, b, sa, sb) for a, b in ((0, 1), (0, 2), (1, 2)) for sa in (-1.0, 1.0) for sb in (-1.0, 1.0)
+)
+"""The 12 face diagonals: +-1 on two axes, 0 on the third."""
+
+
 def _default_poses() -> PoseSet:
     poses = [Pose(), Pose(flip=True)]
     for axis in range(3):
@@ -203,12 +215,7 @@ def _default_poses() -> PoseSet:
             t[axis] = step
             poses.append(Pose(translate_vox=(t[0], t[1], t[2])))
     d = 3.0 / math.sqrt(2.0)
-    for a, b in ((0, 1), (0, 2), (1, 2)):
-        for sa in (-1.0, 1.0):
-            for sb in (-1.0, 1.0):
-                t = [0.0, 0.0, 0.0]
-                t[a], t[b] = sa * d, sb * d
-                poses.append(Pose(translate_vox=(t[0], t[1], t[2])))
+    poses += [Pose(translate_vox=(ex * d, ey * d, ez * d)) for ex, ey, ez in EDGES]
     c = 3.0 / math.sqrt(3.0)
     poses += [Pose(translate_vox=(sx * c, sy * c, sz * c)) for sx, sy, sz in CORNERS]
     for axis in range(3):
