@@ -22,6 +22,10 @@ class ExitCode(IntEnum):
         USAGE: bad command line, unknown policy name, invalid policy or config file.
         INPUT: unreadable / invalid input volume or integrity failure (index, model, bundle).
         INTERNAL: an unexpected error inside gate (a bug); nothing was exported.
+        FLAGGED: ``gate check``: no candidate was rejected but at least one was flagged for
+            review (a flagged sample is never exported; ``--allow-flag`` accepts flags).
+        PIPE: stdout was closed before the command finished (``gate audit show | head``);
+            128 + SIGPIPE, as for any Unix tool killed by a closed pipe; the output is incomplete.
 
     """
 
@@ -30,6 +34,8 @@ class ExitCode(IntEnum):
     USAGE = 2
     INPUT = 3
     INTERNAL = 4
+    FLAGGED = 5
+    PIPE = 141
 
 
 class GateError(Exception):
@@ -72,3 +78,9 @@ class ProviderError(GateError):
     """An onnxruntime execution provider was requested but is not available."""
 
     exit_code = ExitCode.INPUT
+
+
+class WorkerError(GateError):
+    """A distributed worker (a Ray actor or node) died and its retries ran out; nothing was exported."""
+
+    exit_code = ExitCode.INTERNAL

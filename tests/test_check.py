@@ -112,16 +112,25 @@ def test_new_volume_passes_and_near_copy_is_caught(
     assert result.exit_code == 1 and len(data["near.nii.gz"]["neighbours"]) == 2
 
 
-def test_flag_does_not_fail_unless_asked(runner: CliRunner, index_dir: Path, tmp_path: Path) -> None:
+def test_flag_fails_with_its_own_code_unless_allowed(
+    runner: CliRunner, index_dir: Path, tmp_path: Path
+) -> None:
     cand = tmp_path / "cand"
     cand.mkdir()
     write_nifti(cand / "new.nii.gz", make_blob((16, 16, 16), seed=100))
     policy = str(write_policy(tmp_path, -1.0, 0.99))  # everything at least "similar" -> flag
     args = ["check", str(cand), "--policy", policy, "--index", str(index_dir)]
     result = runner.invoke(main, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 5, result.output
     assert "checked 1: 0 pass, 1 flag, 0 reject" in result.output and "\nflag    similar" in result.output
-    assert runner.invoke(main, [*args, "--fail-on-flag"]).exit_code == 1
+    assert "gate: 1 candidate(s) flagged for review (exit 5)" in result.output
+    allowed = runner.invoke(main, [*args, "--allow-flag"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "flagged for review" not in allowed.output
+    assert runner.invoke(main, [*args, "--fail-on-flag"]).exit_code == 5  # old scripts: the default now
+    both = runner.invoke(main, [*args, "--allow-flag", "--fail-on-flag"])
+    assert both.exit_code == 2
+    assert both.output == "gate: error: --allow-flag and --fail-on-flag exclude each other\n"
 
 
 def test_unreadable_input_fails_closed(
@@ -251,6 +260,15 @@ def test_real_onnx_encoder_end_to_end(
     (tampered / "encoder.onnx").write_bytes((enc / "encoder.onnx").read_bytes() + b"\0")
     broken = runner.invoke(main, [*args, "--encoder", str(tampered)])
     assert broken.exit_code == 3 and "encoder.onnx: sha256" in broken.output
+
+    # the index keeps its own encoder: --encoder is needed only when that copy is gone
+    assert (out / "encoder" / "encoder.json").read_bytes() == (enc / "encoder.json").read_bytes()
+    found = runner.invoke(main, args)
+    assert found.exit_code == 1 and "\nreject  duplicate     1.0000" in found.output, found.output
+    shutil.rmtree(out / "encoder")
+    moved = runner.invoke(main, args)
+    assert moved.exit_code == 3 and "idx: built with encoder" in moved.output
+    assert runner.invoke(main, [*args, "--encoder", str(enc)]).exit_code == 1
 
 
 @pytest.mark.realdata

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from gate import __version__
+from gate.audit import AuditEntry, AuditLog
 from gate.cli import main
+from gate.values import Decision, Grade, Verdict
 from tests.volumes import make_blob, write_nifti
 
 
@@ -66,9 +70,28 @@ def test_missing_path_is_input_error(runner: CliRunner, tmp_path: Path) -> None:
     assert result.output == f"gate: error: {tmp_path / 'nope'}: no such file or folder\n"
 
 
-def test_usage_error_exit_2(runner: CliRunner) -> None:
-    assert runner.invoke(main, ["inspect"]).exit_code == 2
-    assert runner.invoke(main, ["no-such-command"]).exit_code == 2
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["inspect"], "gate: error: Missing argument 'PATHS...'. (see `gate inspect -h`)"),
+        (["no-such-command"], "gate: error: No such command 'no-such-command'. (see `gate -h`)"),
+        (
+            ["audit", "show", "--log", "x.jsonl", "--verdict", "nope"],
+            "gate: error: Invalid value for '--verdict': 'nope' is not one of 'pass', 'flag', 'reject', "
+            "'error'. (see `gate audit show -h`)",
+        ),
+        (["check", "x.nii", "--bogus"], "gate: error: No such option '--bogus'. (see `gate check -h`)"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(runner: CliRunner, args: list[str], line: str) -> None:
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2
+    assert result.output == line + "\n"
+
+
+def test_help_and_version_still_exit_0(runner: CliRunner) -> None:
+    assert runner.invoke(main, ["-h"]).exit_code == 0
+    assert runner.invoke(main, ["check", "-h"]).exit_code == 0
 
 
 @pytest.mark.realdata
@@ -82,11 +105,34 @@ def test_inspect_real_hippocampus(runner: CliRunner, hippocampus_dir: Path) -> N
 
 def test_entry_point_in_fresh_interpreter(tmp_path: Path) -> None:
     """A real process, not CliRunner: catches imports that only work by accident."""
-    import subprocess
-    import sys
-
     proc = subprocess.run(
         [sys.executable, "-m", "gate", "info"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     assert "policies: permissive, standard, strict" in proc.stdout
+
+
+def _closed_pipe(args: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run gate with its stdout a pipe whose reader reads 10 bytes and closes it (``| head -c 10``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gate", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    head = proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, head, err)
+
+
+def test_closed_pipe_ends_quietly_with_141(tmp_path: Path) -> None:
+    """`gate audit show | head` and `gate info | head`: no internal error (4), no traceback."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    decision = Decision(Verdict.PASS, Grade.DIFFERENT, "p-00000000000000aa", 0.1, 0.97, "strict", "b" * 64)
+    for i in range(600):  # ~450 KB of JSON Lines: far more than a pipe buffer holds
+        log.append(AuditEntry.for_decision("run-a", decision, f"{i:064x}", "CPUExecutionProvider"))
+    for args in (["audit", "show", "--log", str(log.path), "--json"], ["info"]):
+        done = _closed_pipe(args, tmp_path)
+        assert len(done.stdout) == 10
+        assert done.returncode == 141, done.stderr
+        assert done.stderr == b"", done.stderr

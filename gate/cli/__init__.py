@@ -1,9 +1,12 @@
 """The ``gate`` command line: one group, lazily loaded sub-commands, one exit-code mapping.
 
 Sub-commands live in their own modules under ``gate.cli`` and are imported only when invoked,
-so ``gate check`` never imports torch or MONAI. Every :class:`~gate.errors.GateError` becomes
-one line on stderr and its exit code; any other exception is an internal error (exit 4).
-This package is the only place in gate that prints.
+so ``gate check`` never imports torch or MONAI. Every :class:`~gate.errors.GateError` and every
+click usage error becomes one line on stderr (``gate: error: ...``) and its exit code; any other
+exception is an internal error (exit 4). A reader that closes stdout early (``gate audit show |
+head``) ends the command quietly with :data:`~gate.errors.ExitCode.PIPE` (141, as a Unix tool
+killed by SIGPIPE): the output is incomplete, so it is never 0. This package is the only place in
+gate that prints.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -54,10 +59,49 @@ class GateGroup(click.Group):
             return None
         return getattr(importlib.import_module(module), attr)
 
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command line; usage errors become one ``gate: error:`` line and exit 2.
+
+        Click's own report of a usage error is a multi-line block (usage, hint, blank line,
+        ``Error: ...``); gate's README promises one line, so the group runs click in
+        non-standalone mode and prints click's errors itself.
+        """
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as err:
+            where = f" (see `{err.ctx.command_path} -h`)" if err.ctx is not None else ""
+            click.echo(f"gate: error: {_one_line(err.format_message())}{where}", err=True)
+            sys.exit(int(ExitCode.USAGE))
+        except click.ClickException as err:
+            click.echo(f"gate: error: {_one_line(err.format_message())}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("gate: aborted; nothing was exported", err=True)
+            sys.exit(int(ExitCode.INTERNAL))
+        except BrokenPipeError:
+            _quiet_stdout()
+            sys.exit(int(ExitCode.PIPE))
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command; turn gate errors into one stderr line and their exit code."""
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                sys.stdout.flush()  # a closed pipe shows here for short outputs
+        except BrokenPipeError:
+            _quiet_stdout()
+            ctx.exit(int(ExitCode.PIPE))
         except GateError as err:
             click.echo(f"gate: error: {err}", err=True)
             ctx.exit(int(err.exit_code))
@@ -80,14 +124,29 @@ class GateGroup(click.Group):
             ctx.exit(int(ExitCode.INTERNAL))
 
 
-@click.group(cls=GateGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. click's test runner)
+        pass
+
+
+@click.group("gate", cls=GateGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gate")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress and show tracebacks.")
 def main(verbose: bool) -> None:
     """gate: the privacy gate for synthetic 3D medical images.
 
     Exit codes: 0 ok, 1 policy violations found, 2 usage error, 3 input or integrity error,
-    4 internal error (nothing was exported).
+    4 internal error (nothing was exported), 5 flagged for review (`gate check`), 141 stdout
+    closed early (output incomplete).
     """
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,

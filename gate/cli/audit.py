@@ -10,7 +10,7 @@ import click
 
 from gate.audit import AuditLog, AuditRecord, verify_log
 from gate.bundle import read_manifest
-from gate.cli.index import encoder_options, load_encoder, read_all
+from gate.cli.index import encoder_for_index, encoder_options, load_encoder, read_all
 from gate.cli.options import input_options, read_options
 from gate.digest import sha256_voxels
 from gate.errors import ExitCode, UsageError
@@ -274,7 +274,7 @@ def verify_bundle(
     if audit_log is not None and no_audit:
         raise UsageError("--audit-log and --no-audit exclude each other")
     policy = load_policy(policy_name)
-    encoder = load_encoder(encoder_dir, device)
+    encoder = load_encoder(encoder_for_index(encoder_dir, index_dir), device)
     index = TrainingIndex.load(index_dir, encoder)
     result = run_publication_check(bundle_dir, policy, index, encoder, audit_log)
     write_reports(result, json_path, junit_path)

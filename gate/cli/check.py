@@ -12,11 +12,11 @@ import click
 
 from gate import __version__
 from gate.audit import AuditEntry, AuditLog, new_run_id, undecided_entries
-from gate.cli.index import encoder_options, load_encoder, read_all
+from gate.cli.index import encoder_for_index, encoder_options, load_encoder, read_all
 from gate.cli.options import input_options, read_options
 from gate.decide import decide
 from gate.digest import sha256_voxels
-from gate.errors import ExitCode, InputError
+from gate.errors import ExitCode, InputError, UsageError
 from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
 from gate.policy import load_policy
 from gate.values import Decision, Neighbours, Verdict
@@ -54,7 +54,12 @@ DEFAULT_AUDIT_LOG = Path("gate-out") / "audit.jsonl"
     default=None,
     help="Also write every decision (and every unreadable input) to this JSON file.",
 )
-@click.option("--fail-on-flag", is_flag=True, help="Exit 1 when any volume is flagged, not only rejected.")
+@click.option(
+    "--allow-flag",
+    is_flag=True,
+    help="Exit 0 when candidates are flagged but none rejected (default: exit 5, flagged needs review).",
+)
+@click.option("--fail-on-flag", is_flag=True, hidden=True, help="Kept for old scripts: now the default.")
 @click.option(
     "--audit-log",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -71,6 +76,7 @@ def check(
     index_dir: Path,
     encoder_dir: Path | None,
     json_path: Path | None,
+    allow_flag: bool,
     fail_on_flag: bool,
     audit_log: Path,
     device: str,
@@ -81,17 +87,20 @@ def check(
 ) -> None:
     """Check candidate volumes (files or folders) against the training index.
 
-    Verdicts: pass; flag (shown, never exported; fails only with --fail-on-flag); reject.
+    Verdicts: pass; flag (needs review, never exported; exit 5 unless --allow-flag); reject.
 
     Every candidate gets an audit record (run id printed): its decision, or the error that kept
     it from being decided (the record names no file, only the problem and the voxel hash).
 
-    Exit codes: 0 all pass or flagged; 1 any rejected; 2 bad policy; 3 any unreadable input or
-    integrity error (fail closed: then nothing counts as passed).
+    Exit codes: 0 all pass (or flagged, with --allow-flag); 1 any rejected; 2 bad policy; 3 any
+    unreadable input or integrity error (fail closed: then nothing counts as passed); 5 none
+    rejected but some flagged.
     """
+    if allow_flag and fail_on_flag:
+        raise UsageError("--allow-flag and --fail-on-flag exclude each other")
     policy = load_policy(policy_name)
     options = read_options(id_key_file, patient_map, patient_pattern, max_voxels)
-    encoder = load_encoder(encoder_dir, device)
+    encoder = load_encoder(encoder_for_index(encoder_dir, index_dir), device)
     index = TrainingIndex.load(index_dir, encoder)
     provider = str(getattr(encoder, "provider", "unknown"))
     audit, run_id = AuditLog(audit_log), new_run_id()
@@ -142,8 +151,10 @@ def check(
     )
     if errors:
         code = ExitCode.INPUT
-    elif counts[Verdict.REJECT] or (fail_on_flag and counts[Verdict.FLAG]):
+    elif counts[Verdict.REJECT]:
         code = ExitCode.VIOLATION
+    elif counts[Verdict.FLAG] and not allow_flag:
+        code = ExitCode.FLAGGED
     else:
         code = ExitCode.OK
     if json_path is not None:
@@ -163,6 +174,12 @@ def check(
     click.echo(f"audit: run {run_id}, {len(decisions) + len(errors)} record(s) in {audit.path}")
     if errors:
         click.echo(f"gate: {len(errors)} input(s) unreadable; nothing counts as passed", err=True)
+    elif code is ExitCode.FLAGGED:
+        click.echo(
+            f"gate: {counts[Verdict.FLAG]} candidate(s) flagged for review (exit 5); a flagged sample "
+            "is never exported; pass --allow-flag to accept flags",
+            err=True,
+        )
     raise SystemExit(int(code))
 
 

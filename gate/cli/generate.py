@@ -297,7 +297,7 @@ def generate(
     exported; 1 fewer than N passed within the budget (the passes are exported); 2 usage;
     3 integrity / input error; 4 internal error (3 and 4: nothing exported).
     """
-    from gate.cli.index import load_encoder
+    from gate.cli.index import encoder_for_index, load_encoder
     from gate.exporters import EXPORTERS
     from gate.generator.sample import DEFAULT_GENERATOR_DIR, Generator
     from gate.index import DEFAULT_INDEX_DIR, TrainingIndex
@@ -327,8 +327,9 @@ def generate(
     t0 = time.perf_counter()
     policy = load_policy(policy_name)
     generator = Generator(generator_dir or DEFAULT_GENERATOR_DIR, device=device)  # type: ignore[arg-type]
-    encoder = load_encoder(encoder_dir, device)
-    index = TrainingIndex.load(index_dir or DEFAULT_INDEX_DIR, encoder)
+    index_dir = index_dir or DEFAULT_INDEX_DIR
+    encoder = load_encoder(encoder_for_index(encoder_dir, index_dir), device)
+    index = TrainingIndex.load(index_dir, encoder)
     provider = str(getattr(encoder, "provider", "unknown"))
     bar = _ProgressLine(every=1)
 

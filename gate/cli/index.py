@@ -12,7 +12,7 @@ import numpy as np
 from gate.calibration import Calibration, holdout, leave_one_patient_out
 from gate.cli.options import input_options, read_options
 from gate.digest import sha256_source
-from gate.errors import ExitCode, InputError
+from gate.errors import ExitCode, InputError, IntegrityError
 from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index, embed_volumes
 from gate.poses import POSE_SETS
 from gate.values import Volume
@@ -37,8 +37,9 @@ def encoder_options(func: F) -> F:
         "encoder_dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
-        help="Encoder folder (encoder.onnx + encoder.json); default: the shipped encoder. "
-        "Must be the index's encoder.",
+        help="Encoder folder (encoder.onnx + encoder.json). Must be the index's encoder; default: "
+        "the copy the index keeps (INDEX/encoder/) or the shipped encoder, whichever the index "
+        "records; needed only when the index's encoder moved.",
     )(func)
 
 
@@ -47,6 +48,64 @@ def load_encoder(encoder_dir: Path | None, device: str) -> EmbeddingModel:
     from gate.embed import DEFAULT_ENCODER_DIR, Encoder
 
     return Encoder(encoder_dir or DEFAULT_ENCODER_DIR, device=device)  # type: ignore[arg-type]
+
+
+INDEX_ENCODER_DIR = "encoder"
+"""``gate index build`` keeps a copy of its encoder (``encoder.onnx`` + ``encoder.json``, 3 MB for
+the shipped one) in this sub-folder of the index, so the index finds its own encoder."""
+
+
+def encoder_for_index(encoder_dir: Path | None, index_dir: Path) -> Path | None:
+    """The encoder folder to use with ``index_dir``: ``--encoder`` when given, else the index's own.
+
+    Without ``--encoder``, the index's copy (``index_dir/encoder/``) is used when its
+    ``encoder.json`` names the ONNX digest the index manifest records, else the shipped encoder
+    (None) when it does: so ``--encoder`` is needed only when the index's encoder moved. No
+    match leaves the default, and loading the index then refuses it with the digest mismatch.
+    The chosen encoder is still verified (its ONNX bytes hashed) by :class:`gate.embed.Encoder`.
+    """
+    if encoder_dir is not None:
+        return encoder_dir
+    from gate.embed import DEFAULT_ENCODER_DIR
+    from gate.embed import read_manifest as read_encoder_manifest
+    from gate.index_manifest import read_manifest as read_index_manifest
+
+    try:
+        wanted = read_index_manifest(index_dir).encoder_sha256
+    except IntegrityError:
+        return None  # the index load reports it
+    for place in (index_dir / INDEX_ENCODER_DIR, DEFAULT_ENCODER_DIR):
+        try:
+            if read_encoder_manifest(place).onnx_sha256 == wanted:
+                return None if place == DEFAULT_ENCODER_DIR else place
+        except IntegrityError:
+            continue
+    return None
+
+
+def keep_encoder_copy(encoder: EmbeddingModel, encoder_dir: Path | None, index_dir: Path) -> None:
+    """Copy the encoder that built ``index_dir`` into ``index_dir/encoder/`` (temp name, rename)."""
+    import shutil
+    import tempfile
+
+    from gate.embed import DEFAULT_ENCODER_DIR, MANIFEST_FILE
+    from gate.embed import read_manifest as read_encoder_manifest
+
+    source = encoder_dir or DEFAULT_ENCODER_DIR
+    try:
+        manifest = read_encoder_manifest(source)
+    except IntegrityError:
+        return  # not an ONNX encoder folder (a test double): nothing to keep
+    if manifest.onnx_sha256 != encoder.sha256:
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".encoder.", dir=index_dir))
+    try:
+        for name in (MANIFEST_FILE, manifest.onnx_file):
+            shutil.copyfile(source / name, tmp / name)
+        tmp.rename(index_dir / INDEX_ENCODER_DIR)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_all(paths: list[Path], options: ReadOptions) -> tuple[list[Volume], list[str], list[InputError]]:
@@ -170,6 +229,7 @@ def build(
         as_read = np.arange(0, len(vectors), len(poses))
         calibration = leave_one_patient_out(vectors, row_patient_ids, seed, query_rows=as_read)
     manifest = build_index(probes, patient_ids, hashes, encoder, out_dir, calibration, seed, poses)
+    keep_encoder_copy(encoder, encoder_dir, out_dir)
     p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
     click.echo(f"index: {out_dir}")
     click.echo(
