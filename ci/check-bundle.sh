@@ -15,7 +15,7 @@
 #   GATE_AUDIT_LOG  the internal audit log, when --audit-log is not given
 #
 # Exit status is gate's: 0 publishable, 1 a sample does not pass the policy, 2 usage error
-# (e.g. a policy looser than the bundle's), 3 integrity failure (checksum, unlisted file,
+# (e.g. a policy looser than the bundle's; also: gate not found, checked first), 3 integrity failure (checksum, unlisted file,
 # audit log), 4 internal error. Anything but 0 must block publication.
 set -euo pipefail
 
@@ -36,13 +36,25 @@ while [ $# -gt 0 ]; do
 done
 
 read -r -a gate <<< "${GATE:-gate}"
+if ! command -v "${gate[0]:-gate}" >/dev/null 2>&1; then
+  echo "check-bundle: FAIL $bundle (exit 2; '${gate[0]:-gate}' not found: install gate or set GATE; no report written)" >&2
+  exit 2
+fi
 mkdir -p "$out"
+rm -f "$out/report.json" "$out/junit.xml"  # name only what this run wrote
 status=0
 "${gate[@]}" verify-bundle "$bundle" "${args[@]}" --json "$out/report.json" --junit "$out/junit.xml" || status=$?
 
-if [ "$status" -eq 0 ]; then
-  echo "check-bundle: PASS $bundle (report: $out/report.json, $out/junit.xml)"
+written=()
+for f in "$out/report.json" "$out/junit.xml"; do [ -f "$f" ] && written+=("$f"); done
+if [ ${#written[@]} -gt 0 ]; then
+  report="report: $(IFS=,; echo "${written[*]}" | sed 's/,/, /g')"
 else
-  echo "check-bundle: FAIL $bundle (exit $status; report: $out/report.json, $out/junit.xml)" >&2
+  report="no report written"
+fi
+if [ "$status" -eq 0 ]; then
+  echo "check-bundle: PASS $bundle ($report)"
+else
+  echo "check-bundle: FAIL $bundle (exit $status; $report)" >&2
 fi
 exit "$status"

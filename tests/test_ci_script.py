@@ -100,3 +100,36 @@ def test_usage(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Usage:" in proc.stderr
     proc = subprocess.run(["bash", str(SCRIPT), "b", "--bogus"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "check-bundle: unknown option --bogus" in proc.stderr
+
+
+def test_missing_gate_is_one_line_not_127(world: dict[str, Any], tmp_path: Path) -> None:
+    env = {**os.environ, "GATE": str(tmp_path / "no-such-gate"), "GATE_AUDIT_LOG": str(world["log"])}
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(world["good"]), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f"check-bundle: FAIL {world['good']} (exit 2; '{tmp_path / 'no-such-gate'}' not found: "
+        "install gate or set GATE; no report written)\n"
+    )
+
+
+def test_fail_line_names_only_files_it_wrote(world: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")  # stale, from an earlier run
+    env = {**os.environ, "GATE": world["gate"], "GATE_AUDIT_LOG": str(world["log"])}
+    args = [
+        str(world["good"]),
+        "--index",
+        str(world["index"]),
+        "--policy",
+        "no-such-policy",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"check-bundle: FAIL {world['good']} (exit 2; no report written)"
+    assert not (out / "report.json").exists()

@@ -136,3 +136,22 @@ def test_closed_pipe_ends_quietly_with_141(tmp_path: Path) -> None:
         assert len(done.stdout) == 10
         assert done.returncode == 141, done.stderr
         assert done.stderr == b"", done.stderr
+
+
+def test_audit_show_prints_full_run_ids_and_matches_prefixes(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    decision = Decision(Verdict.PASS, Grade.DIFFERENT, "p-00000000000000aa", 0.1, 0.97, "strict", "b" * 64)
+    runs = ["20261125T031500Z-3fa2c1", "20261125T031500Z-3fa2c2"]  # the same first 14+ characters
+    for i, run in enumerate(runs):
+        log.append(AuditEntry.for_decision(run, decision, f"{i:064x}", "CPUExecutionProvider"))
+    runner = CliRunner()
+    table = runner.invoke(main, ["audit", "show", "--log", str(log.path)])
+    assert table.exit_code == 0, table.output
+    rows = table.output.splitlines()[1:-1]
+    assert [row.split()[2] for row in rows] == runs  # seq, time, then the full run id
+    copied = runner.invoke(main, ["audit", "show", "--log", str(log.path), "--run", rows[1].split()[2]])
+    assert copied.output.splitlines()[-1] == "1 record(s)"
+    prefix = runner.invoke(main, ["audit", "show", "--log", str(log.path), "--run", "20261125T031500Z-3fa"])
+    assert prefix.output.splitlines()[-1] == "2 record(s)"
+    none = runner.invoke(main, ["audit", "show", "--log", str(log.path), "--run", "2099"])
+    assert none.output.splitlines()[-1] == "0 record(s)"

@@ -87,7 +87,9 @@ def _parse_time(value: str | None, name: str) -> dt.datetime | None:
 
 @audit.command("show")
 @log_option
-@click.option("--run", "run_id", default=None, help="Only this run id.")
+@click.option(
+    "--run", "run_id", default=None, help="Only runs whose id starts with this (a full id or a prefix)."
+)
 @click.option(
     "--verdict",
     "verdicts",
@@ -126,7 +128,7 @@ def show(
     for rec in AuditLog(log_path).records():
         when = dt.datetime.fromisoformat(rec.time)
         if (
-            (run_id is None or rec.run_id == run_id)
+            (run_id is None or rec.run_id.startswith(run_id))
             and (not verdicts or rec.verdict in verdicts)
             and (not grades or (rec.grade is not None and rec.grade.value in grades))
             and (patient is None or rec.nearest_patient_id == patient)
@@ -138,13 +140,15 @@ def show(
         for rec in selected:
             click.echo(json.dumps(rec.model_dump(mode="json"), sort_keys=True))
         return
+    run_w = max([3, *(len(r.run_id) for r in selected)])  # full ids: a copied id must match
+    sample_w = max([6, *(len(r.sample_id or "-") for r in selected)])
     click.echo(
-        f"{'seq':>5} {'time':<26} {'run':<14} {'sample':<12} {'verdict':<7} {'grade':<9} "
+        f"{'seq':>5} {'time':<26} {'run':<{run_w}} {'sample':<{sample_w}} {'verdict':<7} {'grade':<9} "
         f"{'similarity':>10} {'threshold':>9} nearest patient"
     )
     for rec in selected:
         click.echo(
-            f"{rec.seq:>5} {rec.time[:26]:<26} {rec.run_id[:14]:<14} {(rec.sample_id or '-')[:12]:<12} "
+            f"{rec.seq:>5} {rec.time[:26]:<26} {rec.run_id:<{run_w}} {rec.sample_id or '-':<{sample_w}} "
             f"{rec.verdict:<7} {rec.grade.value if rec.grade else '-':<9} {_num(rec.similarity):>10} "
             f"{_num(rec.threshold):>9} {rec.nearest_patient_id or (rec.error or '-')}"
         )
