@@ -11,13 +11,12 @@ from typing import Any
 import click
 
 from gate import __version__
-from gate.audit import AuditEntry, AuditLog, new_run_id, undecided_entries
-from gate.cli.index import encoder_for_index, encoder_options, load_encoder, read_all
+from gate.audit import AuditLog, new_run_id
+from gate.cli.index import encoder_for_index, encoder_options, load_encoder
 from gate.cli.options import input_options, read_options
-from gate.decide import decide
-from gate.digest import sha256_voxels
+from gate.engine import EngineConfig, engine_options, judge, open_engine
 from gate.errors import ExitCode, InputError, UsageError
-from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
+from gate.index import DEFAULT_INDEX_DIR
 from gate.policy import load_policy
 from gate.values import Decision, Neighbours, Verdict
 
@@ -70,6 +69,7 @@ DEFAULT_AUDIT_LOG = Path("gate-out") / "audit.jsonl"
     "$GATE_AUDIT_LOG, else ./gate-out/audit.jsonl.",
 )
 @input_options
+@engine_options
 def check(
     paths: tuple[Path, ...],
     policy_name: str,
@@ -84,6 +84,11 @@ def check(
     patient_map: Path | None,
     patient_pattern: str | None,
     max_voxels: int,
+    engine: str,
+    ray_address: str | None,
+    workers: int,
+    batch_size: int,
+    num_gpus: float,
 ) -> None:
     """Check candidate volumes (files or folders) against the training index.
 
@@ -100,35 +105,15 @@ def check(
         raise UsageError("--allow-flag and --fail-on-flag exclude each other")
     policy = load_policy(policy_name)
     options = read_options(id_key_file, patient_map, patient_pattern, max_voxels)
-    encoder = load_encoder(encoder_for_index(encoder_dir, index_dir), device)
-    index = TrainingIndex.load(index_dir, encoder)
-    provider = str(getattr(encoder, "provider", "unknown"))
+    encoder_dir = encoder_for_index(encoder_dir, index_dir)
+    encoder = load_encoder(encoder_dir, device)
     audit, run_id = AuditLog(audit_log), new_run_id()
-    volumes, _, errors = read_all(list(paths), options)
-    for err in errors:
-        audit.append(AuditEntry.for_error(run_id, _problem(err), policy.id, policy.sha256, provider))
-    try:
-        probes = embed_volumes(volumes, encoder)
-        neighbours = index.search_many(
-            [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
-        )
-        decisions = [decide(n, policy, index.calibration) for n in neighbours]
-    except Exception as err:
-        shas = [sha256_voxels(v.data) for v in volumes]
-        for entry in undecided_entries(run_id, err, policy.id, policy.sha256, provider, shas):
-            audit.append(entry)
-        raise
-    for vol, dec in zip(volumes, decisions, strict=True):
-        audit.append(
-            AuditEntry.for_decision(
-                run_id,
-                dec,
-                sha256_voxels(vol.data),
-                provider,
-                encoder_sha256=encoder.sha256,
-                index_sha256=index.sha256,
-            )
-        )
+    config = EngineConfig(engine, ray_address, workers, batch_size, num_gpus, encoder_dir, device)
+    with open_engine(config, encoder) as eng:
+        index = eng.open_index(index_dir)
+        judged = judge(eng, index, list(paths), options, policy, audit, run_id, _problem)
+    volumes, errors = judged.items, judged.errors
+    neighbours, decisions = judged.neighbours, judged.decisions
     counts = {v: sum(d.verdict is v for d in decisions) for v in Verdict}
     click.echo(
         f"policy {policy.id} ({policy.sha256[:12]}…), index {index.sha256[:12]}…, "

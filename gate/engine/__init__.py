@@ -1,0 +1,245 @@
+"""Where the stages run: this process (``local``, the default) or a Ray cluster (``ray``).
+
+An engine is not a second product: both run the same stage functions (:mod:`gate.volume`,
+:mod:`gate.embed`, :mod:`gate.index` / :mod:`gate.shards`, :mod:`gate.decide`) and only decide
+where. The driver always decides and writes the audit log, one record per candidate, in input
+order, through :class:`gate.audit.AuditLog` (flock, fsync, hash chain): one ordered writer.
+
+The local engine imports no Ray; ``gate.engine.ray_engine`` is imported only for ``--engine ray``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import click
+
+from gate.audit import AuditEntry, AuditLog, undecided_entries
+from gate.decide import decide
+from gate.errors import InputError, UsageError
+from gate.index import Probe
+from gate.index_manifest import EmbeddingModel
+from gate.policy import LoadedPolicy
+from gate.poses import PoseSet
+from gate.shards import Mapper, Searcher
+from gate.values import Decision, Neighbours, Volume
+from gate.volume import ReadOptions
+
+ENGINES = ("local", "ray")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Item:
+    """One candidate read and ready to embed.
+
+    Attributes:
+        source: where it came from (shown to the user, never written to the audit log).
+        candidate_sha256: :func:`gate.digest.sha256_voxels` of its voxels as read.
+        ref: the engine's handle on its data (a Volume locally; a chunk and row on Ray).
+
+    """
+
+    source: str
+    candidate_sha256: str
+    ref: Any
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What ``--engine`` and its options asked for.
+
+    Attributes:
+        name: ``local`` or ``ray``.
+        ray_address: a running cluster (``auto``, ``ray://host:10001``, ``host:6379``); None
+            starts a local Ray for the run and shuts it down after.
+        workers: embedding actors (Ray).
+        batch_size: volumes per embedding call (Ray; explicit, also on GPU).
+        num_gpus: GPUs per embedding actor (Ray; > 0 requires ``--device cuda``).
+        encoder_dir: the encoder folder the actors load (None: the shipped one).
+        device: onnxruntime device of the actors.
+
+    """
+
+    name: str = "local"
+    ray_address: str | None = None
+    workers: int = 2
+    batch_size: int = 64
+    num_gpus: float = 0.0
+    encoder_dir: Path | None = None
+    device: str = "auto"
+
+
+class Engine(Protocol):
+    """What the commands need of an engine."""
+
+    encoder: EmbeddingModel
+    provider: str
+    mapper: Mapper
+
+    def read(self, paths: Sequence[Path], options: ReadOptions) -> tuple[list[Item], list[InputError]]:
+        """Discover and read every source (errors collected, never skipped)."""
+        ...
+
+    def embed(self, items: Sequence[Item]) -> list[Probe]:
+        """One identity-pose probe per item, in order."""
+        ...
+
+    def embed_volumes(self, volumes: Sequence[Volume], poses: PoseSet) -> list[Probe]:
+        """As :func:`gate.index.embed_volumes` (index build)."""
+        ...
+
+    def open_index(self, index_dir: Path) -> Searcher:
+        """Load and verify an index (sharded or not) for searching."""
+        ...
+
+    def close(self) -> None:
+        """Release workers."""
+        ...
+
+
+def engine_options(func: F) -> F:
+    """Add ``--engine``, ``--ray-address``, ``--workers``, ``--batch-size``, ``--num-gpus``."""
+    for opt in reversed(
+        [
+            click.option(
+                "--engine",
+                type=click.Choice(ENGINES),
+                default="local",
+                show_default=True,
+                help="Run in this process (local) or on Ray (read/preprocess tasks, embedding "
+                "actors, index-shard actors; needs gate[ray]).",
+            ),
+            click.option(
+                "--ray-address",
+                default=None,
+                help="Ray cluster to join (e.g. auto, or HEAD:6379); default: start a local Ray for "
+                "the run and stop it after.",
+            ),
+            click.option(
+                "--workers",
+                type=click.IntRange(1),
+                default=2,
+                show_default=True,
+                help="Ray embedding actors.",
+            ),
+            click.option(
+                "--batch-size",
+                type=click.IntRange(1),
+                default=64,
+                show_default=True,
+                help="Volumes per embedding call on Ray.",
+            ),
+            click.option(
+                "--num-gpus",
+                type=click.FloatRange(0),
+                default=0.0,
+                show_default=True,
+                help="GPUs per Ray embedding actor (> 0 needs --device cuda; CUDA is checked).",
+            ),
+        ]
+    ):
+        func = opt(func)
+    return func
+
+
+def open_engine(config: EngineConfig, encoder: EmbeddingModel) -> Engine:
+    """Start the engine ``config.name`` around the driver's verified ``encoder``.
+
+    Raises:
+        UsageError: ``ray`` asked for but not installed, or inconsistent GPU options.
+
+    """
+    if config.name == "local":
+        from gate.engine.local import LocalEngine
+
+        return LocalEngine(encoder)
+    if config.name != "ray":
+        raise UsageError(f"--engine {config.name!r}: choose one of {', '.join(ENGINES)}")
+    try:
+        import ray  # noqa: F401
+    except ImportError as err:
+        raise UsageError("--engine ray needs Ray: pip install 'gate[ray]'") from err
+    from gate.engine.ray_engine import RayEngine
+
+    return RayEngine(config, encoder)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """Everything one check decided, in input order.
+
+    Attributes:
+        items: the candidates read.
+        errors: the inputs that could not be read.
+        neighbours: per item.
+        decisions: per item.
+        provider: the execution provider that embedded them.
+
+    """
+
+    items: list[Item]
+    errors: list[InputError]
+    neighbours: list[Neighbours]
+    decisions: list[Decision]
+    provider: str
+
+
+def judge(
+    engine: Engine,
+    index: Searcher,
+    paths: Sequence[Path],
+    options: ReadOptions,
+    policy: LoadedPolicy,
+    audit: AuditLog,
+    run_id: str,
+    problem: Callable[[InputError], str],
+) -> Judged:
+    """Read, embed, search, decide, and audit every candidate (the body of ``gate check``).
+
+    Records, in this order: one error record per unreadable input, then one decision record
+    per candidate in input order; if embedding, search or a worker fails, one error record per
+    candidate that was read, then the error propagates (fail closed: exactly one record each).
+
+    Args:
+        engine: where to run.
+        index: from ``engine.open_index``.
+        paths: files or folders.
+        options: how to read them.
+        policy: the policy in force.
+        audit: the log (written by this process only).
+        run_id: the run.
+        problem: the audit text of an unreadable input (names no file).
+
+    """
+    items, errors = engine.read(paths, options)
+    provider = engine.provider
+    for err in errors:
+        audit.append(AuditEntry.for_error(run_id, problem(err), policy.id, policy.sha256, provider))
+    try:
+        probes = engine.embed(items)
+        neighbours = index.search_many(
+            [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
+        )
+        decisions = [decide(n, policy, index.calibration) for n in neighbours]
+    except Exception as err:
+        shas = [it.candidate_sha256 for it in items]
+        for entry in undecided_entries(run_id, err, policy.id, policy.sha256, provider, shas):
+            audit.append(entry)
+        raise
+    for item, dec in zip(items, decisions, strict=True):
+        audit.append(
+            AuditEntry.for_decision(
+                run_id,
+                dec,
+                item.candidate_sha256,
+                provider,
+                encoder_sha256=engine.encoder.sha256,
+                index_sha256=index.sha256,
+            )
+        )
+    return Judged(items, errors, neighbours, decisions, provider)
