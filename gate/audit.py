@@ -61,7 +61,9 @@ class AuditEntry(BaseModel):
         schema_version: :data:`AUDIT_SCHEMA_VERSION`.
         run_id: the run that judged the candidate.
         time: UTC time of the decision, ISO 8601.
-        sample_id: the candidate's name in the run (becomes the bundle sample id on a pass).
+        sample_id: the candidate's name in the run: an exported pass carries its bundle sample
+            id (``s000001``, ``s000002``, ... in export order), any other candidate of a
+            ``gate generate`` run ``c`` + its 0-based index in the run (``c000004``).
         seed: the generator seed that produced it, if any.
         candidate_sha256: :func:`gate.digest.sha256_voxels` of the candidate's voxels.
         verdict: pass / flag / reject / error.

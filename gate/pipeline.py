@@ -295,14 +295,15 @@ def run_generate(
             t = clock.add("decide", t)
         except Exception as err:
             shas = [sha256_voxels(volumes[j].data) if j < len(volumes) else None for j in range(count)]
-            sample_ids = [f"s{start + j:06d}" for j in range(count)]
+            sample_ids = [candidate_id(start + j) for j in range(count)]
             for entry in undecided_entries(
                 run_id, err, policy.id, policy.sha256, provider, shas, sample_ids, request.seed
             ):
                 audit.append(entry)
             raise
         for j, (volume, decision) in enumerate(zip(volumes, decisions, strict=True)):
-            sample_id = f"s{start + j:06d}"
+            exported = decision.passed and result.exported < request.n
+            sample_id = bundle_sample_id(result.exported + 1) if exported else candidate_id(start + j)
             audit_hash = audit.append(
                 AuditEntry.for_decision(
                     run_id,
@@ -321,7 +322,7 @@ def run_generate(
                 copied.add(decision.nearest_patient_id)
             if decision.passed:
                 result.passed += 1
-                if result.exported < request.n:
+                if exported:
                     passed.append(PassedSample(volume, decision, sample_id, request.seed, audit_hash))
                     result.exported += 1
             elif result.quarantine is not None:
@@ -356,6 +357,22 @@ def run_generate(
         clock.add("export", t)
     log.info("run %s: %d/%d candidates passed", run_id, result.passed, result.candidates)
     return result
+
+
+def bundle_sample_id(position: int) -> str:
+    """The public id of the ``position``-th exported sample (1-based): ``s000001``, ``s000002``, ...
+
+    Contiguous in export order, so a bundle's ids do not show where candidates were rejected.
+    """
+    return f"s{position:06d}"
+
+
+def candidate_id(index: int) -> str:
+    """The internal id (audit log only) of a candidate that was not exported: ``c000004``.
+
+    ``index`` is 0-based in the run; with the run's seed it names the candidate that was generated.
+    """
+    return f"c{index:06d}"
 
 
 def write_memorization(folder: Path, result: GenerateResult) -> Path:

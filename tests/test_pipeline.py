@@ -68,11 +68,17 @@ def test_end_to_end_bundle(world: tuple[Training, Generator], tmp_path: Path) ->
     assert result.bundle == tmp_path / "out" / "gate-r1"
     manifest = read_manifest(result.bundle)
     assert len(manifest.samples) == 5 and all(s.sample_id.startswith("s") for s in manifest.samples)
+    # contiguous ids in export order, whatever was rejected in between; the log names the rest c...
+    assert [s.sample_id for s in manifest.samples] == [f"s{i:06d}" for i in range(1, 6)]
     assert check_files(result.bundle, manifest) == []
     assert manifest.generator_sha256 == generator.sha256
     assert all(s.seed == 7 for s in manifest.samples)
     records = list(AuditLog(tmp_path / "out" / "audit.jsonl").records())
     assert len(records) == result.candidates == progress[-1].candidates
+    assert [r.sample_id for r in records if r.verdict == "pass"] == [f"s{i:06d}" for i in range(1, 6)]
+    assert [r.sample_id for r in records if r.verdict != "pass"] == [
+        f"c{i:06d}" for i, r in enumerate(records) if r.verdict != "pass"
+    ]
     assert verify_log(tmp_path / "out" / "audit.jsonl").ok
     stats = json.loads((result.bundle / MEMORIZATION_FILE).read_text())
     assert stats["candidates"] == result.candidates and stats["training_patients"] == 8
@@ -142,7 +148,7 @@ def test_failure_midway_leaves_no_bundle(world: tuple[Training, Generator], tmp_
     assert [r.verdict for r in records[4:]] == ["error"] * 4 and len(records) == 8
     assert all(r.verdict != "error" for r in records[:4])
     assert all("IntegrityError: encoder returned" in (r.error or "") for r in records[4:])
-    assert [r.sample_id for r in records[4:]] == ["s000004", "s000005", "s000006", "s000007"]
+    assert [r.sample_id for r in records[4:]] == ["c000004", "c000005", "c000006", "c000007"]
     assert all(r.candidate_sha256 for r in records[4:])
     assert verify_log(tmp_path / "out" / "audit.jsonl").ok
 
