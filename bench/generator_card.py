@@ -20,7 +20,7 @@ import torch
 
 from gate.generator.config import WEIGHTS_NAME
 from gate.generator.sample import DEFAULT_GENERATOR_DIR, Generator
-from gate.png import encode_gray
+from gate.report import write_png
 
 ZOOM = 3
 
@@ -60,7 +60,7 @@ def main() -> None:
     gen = Generator(args.model, device="cpu")
     m, cfg = gen.manifest, gen.config
     samples = gen.sample(seed=0, start=0, count=16)
-    (args.model / "samples.png").write_bytes(encode_gray(montage(samples)))
+    write_png(montage(samples), args.model / "samples.png")
     size_mb = (args.model / WEIGHTS_NAME).stat().st_size / 1e6
     n_params_ae = sum(p.numel() for p in gen.autoencoder.parameters())
     n_params_unet = sum(p.numel() for p in gen.unet.parameters())

@@ -6,24 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from gate.audit import GENESIS_HASH, AuditEntry, AuditLog, AuditRecord, verify_log
 from gate.cli import main
-from gate.errors import IntegrityError, UsageError
-from gate.png import decode_gray, encode_gray
-from gate.report import INTERNAL_BANNER, build_report, quarantine_candidate
+from gate.errors import IntegrityError
 from gate.values import Decision, Grade, Verdict
-from tests.bundle_helpers import (
-    RUN_ID,
-    candidate,
-    make_training,
-    release_policy_text,
-    run_pipeline,
-    write_policy,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_SHA = "b" * 64
@@ -214,62 +203,3 @@ def test_cli_show_filters(mixed_log: Path) -> None:
     assert table.exit_code == 0 and "1 record(s)" in table.output and "p-00000000000000bb" in table.output
     bad = runner.invoke(main, ["audit", "show", "--log", str(mixed_log), "--since", "yesterday"])
     assert bad.exit_code == 2 and "--since 'yesterday': expected an ISO 8601 time" in bad.output
-
-
-def test_png_round_trip() -> None:
-    image = (np.arange(7 * 5) * 7 % 256).astype(np.uint8).reshape(7, 5)
-    data = encode_gray(image)
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    np.testing.assert_array_equal(decode_gray(data), image)
-    with pytest.raises(
-        ValueError, match=re.escape("expected a non-empty uint8 (H, W) image; got float64 (2, 2)")
-    ):
-        encode_gray(np.zeros((2, 2)))
-
-
-def test_report_shows_rejected_candidates_beside_training(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    training = make_training(tmp_path)
-    policy = write_policy(tmp_path / "pol", "release", release_policy_text())
-    copy = training.volumes[2]
-    cands = [("s-000", 100, candidate(100)), ("s-001", 101, copy)]
-    log_path = tmp_path / "audit.jsonl"
-    bundle, verdicts = run_pipeline(training, policy, tmp_path / "bundle", log_path, cands)
-    assert verdicts == {"s-000": Verdict.PASS, "s-001": Verdict.REJECT}
-    quarantine = tmp_path / "quarantine"
-    quarantine_candidate(copy, quarantine)
-    key = tmp_path / "key"
-    key.write_text(bytes(range(32)).hex())
-    monkeypatch.setenv("GATE_ID_KEY_FILE", str(key))
-    out = tmp_path / "review"
-    args = ["audit", "report", RUN_ID, "--log", str(log_path), "--candidates", str(quarantine)]
-    result = CliRunner().invoke(main, [*args, "--data", str(training.data_dir), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    page = (out / "index.html").read_text()
-    assert page.count(INTERNAL_BANNER) == 2
-    assert "<td>1</td><td>0</td><td>1</td><td>0</td>" in page  # pass, flag, reject, error
-    assert "<svg" in page and "similar 0.970" in page and "duplicate 0.990" in page
-    assert copy.patient_id in page and 'src="montage_000001.png"' in page
-    montage = decode_gray((out / "montage_000001.png").read_bytes())
-    assert montage.ndim == 2 and montage.shape[0] > 100
-    # the two rows (candidate, training) are identical for an exact copy
-    half = montage.shape[0] // 2
-    np.testing.assert_array_equal(montage[: half - 8], montage[half : 2 * half - 8])
-    again = CliRunner().invoke(main, [*args, "--data", str(training.data_dir), "--out", str(out)])
-    assert again.exit_code == 2 and "already exists; reports are never overwritten" in again.output
-    inside = CliRunner().invoke(
-        main, [*args, "--data", str(training.data_dir), "--out", str(bundle / "review")]
-    )
-    assert inside.exit_code == 2
-    assert "inside a bundle; the report shows training images and stays internal" in inside.output
-    assert not (bundle / "review").exists()
-
-
-def test_report_notes_missing_pictures(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "a.jsonl")
-    log.append(entry(1, "reject", "run-a"))
-    path = build_report("run-a", list(log.records()), {}, {}, tmp_path / "r")
-    assert "candidate voxels not found in --candidates" in path.read_text()
-    with pytest.raises(UsageError, match=re.escape("run 'run-z' has no records in the audit log")):
-        build_report("run-z", [], {}, {}, tmp_path / "r2")

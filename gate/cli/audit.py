@@ -13,11 +13,12 @@ from gate.bundle import read_manifest
 from gate.cli.index import encoder_for_index, encoder_options, load_encoder, read_all
 from gate.cli.options import input_options, read_options
 from gate.digest import sha256_voxels
-from gate.errors import ExitCode, UsageError
+from gate.errors import ExitCode, IntegrityError, UsageError
 from gate.index import DEFAULT_INDEX_DIR, TrainingIndex
 from gate.policy import load_policy
 from gate.publication import sample_record_problems, write_reports
 from gate.publication import verify_bundle as run_publication_check
+from gate.values import Volume
 
 DEFAULT_POLICY = "strict"
 """Fail closed: without --policy the publication check uses the strictest shipped policy."""
@@ -171,52 +172,135 @@ def _num(x: float | None) -> str:
 )
 @click.option(
     "--candidates",
-    "candidates_dir",
+    "candidates_dirs",
+    multiple=True,
     required=True,
     type=click.Path(exists=True, path_type=Path),
-    help="The run's quarantine folder of candidates that were not exported.",
+    help="The run's quarantine folder (candidates not exported) and/or its bundle's samples/ "
+    "folder (what went out); repeatable.",
 )
 @click.option(
     "--data",
     "data",
     multiple=True,
-    required=True,
     type=click.Path(exists=True, path_type=Path),
     help="The training volumes (repeatable), read with the index's pseudonymisation key.",
+)
+@click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_INDEX_DIR,
+    show_default="the shipped index",
+    help="The index the run was judged against (its calibration and patients).",
+)
+@click.option(
+    "--no-training-views",
+    is_flag=True,
+    help="Show candidates and pseudonymous ids only: no --data, no key needed.",
 )
 @input_options
 def report(
     run_id: str,
     log_path: Path,
     out_dir: Path,
-    candidates_dir: Path,
+    candidates_dirs: tuple[Path, ...],
     data: tuple[Path, ...],
+    index_dir: Path,
+    no_training_views: bool,
     id_key_file: Path | None,
     patient_map: Path | None,
     patient_pattern: str | None,
     max_voxels: int,
 ) -> None:
-    """Write an INTERNAL HTML report of run RUN_ID for a privacy reviewer.
+    """Write an INTERNAL HTML report of run RUN_ID (a full id or a unique prefix) for a reviewer.
 
-    Counts per verdict, a similarity histogram against the thresholds, and a montage of each
-    rejected candidate beside its nearest training patient. Candidates are matched by voxel
-    hash in --candidates; training volumes by pseudonymous id, re-derived from --data with the
-    same key as the index (--id-key-file / $GATE_ID_KEY_FILE).
+    Riskiest first: the released samples closest to the threshold, duplicates, similar
+    candidates, then per training patient how often and how closely it was approached; above
+    them a similarity histogram against the thresholds with the index's calibration. Candidates
+    are matched by voxel hash in --candidates; training volumes by pseudonymous id, re-derived
+    from --data with the index's key (--id-key-file / $GATE_ID_KEY_FILE): a missing key is a
+    usage error (2), a key that maps no --data volume to the index's patients an integrity error
+    (3), unless --no-training-views.
     """
-    from gate.report import build_report
+    from gate.identity import Pseudonymizer, default_key_path
+    from gate.index_manifest import read_manifest as read_index_manifest
+    from gate.publication import READ_KEY
+    from gate.report import DEMO_KEY_FILE, build_report
+    from gate.volume import ReadOptions
 
-    records = [r for r in AuditLog(log_path).records() if r.run_id == run_id]
-    options = read_options(id_key_file, patient_map, patient_pattern, max_voxels)
-    cand_vols, _, cand_errors = read_all([candidates_dir], options)
-    train_vols, _, train_errors = read_all(list(data), options)
-    for err in cand_errors + train_errors:
+    if no_training_views and data:
+        raise UsageError("--data and --no-training-views exclude each other")
+    if not no_training_views and not data:
+        raise UsageError("give --data TRAINING_DIR (read with the index's key) or --no-training-views")
+    if not log_path.is_file():
+        raise UsageError(f"{log_path}: audit log not found")
+    all_records = list(AuditLog(log_path).records())
+    run_id = _resolve_run(run_id, {r.run_id for r in all_records})
+    records = [r for r in all_records if r.run_id == run_id]
+    manifest = read_index_manifest(index_dir)
+    judged = {r.index_sha256 for r in records if r.index_sha256}
+    if judged and judged != {manifest.index_sha256}:
+        raise UsageError(
+            f"run {run_id} was judged against index {sorted(judged)[0][:12]}…, but {index_dir} holds "
+            f"{manifest.index_sha256[:12]}…; give that run's --index"
+        )
+    cand_options = ReadOptions(pseudonymizer=Pseudonymizer(key=READ_KEY), max_voxels=max_voxels)
+    cand_vols, _, cand_errors = read_all(list(candidates_dirs), cand_options)
+    for err in cand_errors:
         click.echo(f"gate: warning: {err} (not shown in the report)", err=True)
     candidates = {sha256_voxels(v.data): v for v in cand_vols}
-    training: dict[str, object] = {}
-    for vol in train_vols:
-        training.setdefault(vol.patient_id, vol)
-    path = build_report(run_id, records, candidates, training, out_dir)  # type: ignore[arg-type]
+    training: dict[str, Volume] | None = None
+    if not no_training_views:
+        key_path = id_key_file or default_key_path()
+        if not key_path.is_file():
+            raise UsageError(
+                f"{key_path}: no pseudonymisation key; the report maps nearest patients back to --data "
+                "with the key the index was built with: give --id-key-file KEY (or $GATE_ID_KEY_FILE; "
+                f"the shipped index's is {DEMO_KEY_FILE}), or --no-training-views"
+            )
+        options = read_options(key_path, patient_map, patient_pattern, max_voxels)
+        train_vols, _, train_errors = read_all(list(data), options)
+        for err in train_errors:
+            click.echo(f"gate: warning: {err} (not shown in the report)", err=True)
+        indexed = {row.patient_id for row in manifest.rows}
+        training = {}
+        for vol in train_vols:
+            if vol.patient_id in indexed:
+                training.setdefault(vol.patient_id, vol)
+        if not training:
+            raise IntegrityError(
+                f"{key_path}: none of the {len(train_vols)} volume(s) in --data maps to a patient of "
+                f"index {index_dir} with this key: wrong key or not the index's training data; give "
+                "the index's --id-key-file, or --no-training-views"
+            )
+        nearest = {r.nearest_patient_id for r in records if r.nearest_patient_id}
+        missing = nearest - training.keys()
+        if missing:
+            click.echo(
+                f"gate: warning: {len(missing)} of {len(nearest)} nearest patient(s) not in --data "
+                "(their rows say so)",
+                err=True,
+            )
+    path = build_report(
+        run_id, records, candidates, training, out_dir, list(manifest.calibration.similarities)
+    )
     click.echo(f"wrote {path} (INTERNAL: shows training images; do not publish)")
+
+
+def _resolve_run(prefix: str, runs: set[str]) -> str:
+    """The one run id equal to or starting with ``prefix``."""
+    if prefix in runs:
+        return prefix
+    matches = sorted(r for r in runs if r.startswith(prefix))
+    if not matches:
+        raise UsageError(f"run {prefix!r} has no records in the audit log; see `gate audit show`")
+    if len(matches) > 1:
+        raise UsageError(
+            f"run id prefix {prefix!r} matches {len(matches)} runs ({', '.join(matches[:5])}); "
+            "give more characters"
+        )
+    return matches[0]
 
 
 @click.command("verify-bundle")

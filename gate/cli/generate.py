@@ -354,7 +354,7 @@ def generate(
         load_seconds=time.perf_counter() - t0,
     )
     bar.done()
-    _print_summary(result, policy.id, time.perf_counter() - t0)
+    _print_summary(result, policy.id, time.perf_counter() - t0, index_dir)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(_summary_json(result, policy.id, provider), indent=1) + "\n")
@@ -381,7 +381,7 @@ def _summary_json(result: Any, policy_id: str, provider: str) -> dict[str, Any]:
     }
 
 
-def _print_summary(result: Any, policy_id: str, wall: float) -> None:
+def _print_summary(result: Any, policy_id: str, wall: float, index_dir: Path) -> None:
     from gate.values import Grade, Verdict
 
     click.echo(
@@ -408,10 +408,18 @@ def _print_summary(result: Any, policy_id: str, wall: float) -> None:
     else:
         click.echo(f"no candidate passed: no bundle written; audit log: {result.audit_log}")
     if result.quarantine is not None and result.candidates > result.exported:
+        from gate.index import DEFAULT_INDEX_DIR
+        from gate.report import DEMO_KEY_FILE
+
+        shipped = index_dir.resolve() == DEFAULT_INDEX_DIR.resolve()
+        key = DEMO_KEY_FILE if shipped else "INDEX_KEY_FILE"
+        released = f" --candidates {result.bundle / 'samples'}" if result.bundle is not None else ""
         click.echo(
             f"not exported, kept for review (internal): {result.quarantine}; report: gate audit report "
-            f"{result.run_id} --log {result.audit_log} --candidates {result.quarantine} --data TRAINING_DIR "
-            "--out REPORT_DIR"
+            f"{result.run_id} --log {result.audit_log} --candidates {result.quarantine}{released} "
+            f"--index {index_dir} --data TRAINING_DIR --id-key-file {key} --out REPORT_DIR "
+            "(--id-key-file: the pseudonymisation key the index was built with"
+            + ("; this is the shipped index's demo key)" if shipped else ")")
         )
     if result.exported < result.wanted:
         click.echo(
