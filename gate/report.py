@@ -59,8 +59,9 @@ DEMO_KEY_FILE: Path = Path(__file__).resolve().parent / "models" / "demo-pseudon
 """The pseudonymisation key the shipped index was built with (public MSD data; a real site keeps
 its key private)."""
 
-MONTAGE_ZOOM = 4
-"""Nearest-neighbour upscaling of montage slices: a 32x48 slice becomes 128x192 pixels."""
+MONTAGE_ZOOM = 3
+"""Nearest-neighbour upscaling of montage slices: a 32x48 slice becomes 96x144 pixels (4 made
+one candidate row of the report taller than a laptop screen's half)."""
 
 HISTOGRAM_BINS = 40
 """About this many bins over the data's range; edges are then moved onto the thresholds."""
@@ -231,7 +232,7 @@ def histogram_png(records: Sequence[AuditRecord], calibration: Sequence[float] |
     edges = histogram_edges(
         [s for v in sims.values() for s in v] + cal, limits["similar"] + limits["duplicate"]
     )
-    fig = Figure(figsize=(9.0, 3.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(10.0, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     bottom = np.zeros(len(edges) - 1)
     for verdict, values in sims.items():
@@ -257,9 +258,12 @@ def histogram_png(records: Sequence[AuditRecord], calibration: Sequence[float] |
                 label=f"{name} from {value:.3f}",
             )  # fmt: skip
     ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # headroom: the tallest bar does not touch the frame
     ax.set_xlabel("cosine similarity to the nearest training patient")
     ax.set_ylabel("share per bin")
-    ax.legend(loc="upper left", fontsize=9, frameon=True)
+    ax.legend(
+        loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False
+    )  # beside, not on, the bars
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     path.write_bytes(buf.getvalue())
