@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -51,6 +52,9 @@ from gate.digest import sha256_voxels
 from gate.errors import UsageError
 from gate.preprocess import PreprocessConfig, preprocess
 from gate.values import Volume
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # imported when drawing: `gate generate` imports this module
 
 INTERNAL_BANNER = "INTERNAL: shows training images; never publish this report or put it in a bundle"
 """Shown at the top and the bottom of the report and in its title."""
@@ -213,7 +217,15 @@ def histogram_edges(
 
 
 def histogram_png(records: Sequence[AuditRecord], calibration: Sequence[float] | None, path: Path) -> Path:
-    """Draw the similarity histogram (matplotlib, Agg) and write it as a PNG.
+    """Write :func:`histogram_figure` as a PNG."""
+    buf = io.BytesIO()
+    histogram_figure(records, calibration).savefig(buf, format="png")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def histogram_figure(records: Sequence[AuditRecord], calibration: Sequence[float] | None) -> Figure:
+    """Draw the similarity histogram (matplotlib's object API, Agg; no global pyplot state).
 
     Candidates are stacked by verdict, as a share of the run's candidates per bin; the
     calibration distribution (each real reference patient's nearest-training similarity) is a
@@ -261,13 +273,9 @@ def histogram_png(records: Sequence[AuditRecord], calibration: Sequence[float] |
     ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # headroom: the tallest bar does not touch the frame
     ax.set_xlabel("cosine similarity to the nearest training patient")
     ax.set_ylabel("share per bin")
-    ax.legend(
-        loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False
-    )  # beside, not on, the bars
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    path.write_bytes(buf.getvalue())
-    return path
+    # the labels live in a legend beside the axes: they can neither overlap each other nor the bars
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    return fig
 
 
 @dataclass(frozen=True)

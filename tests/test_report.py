@@ -20,6 +20,7 @@ from gate.report import (
     INTERNAL_BANNER,
     build_report,
     histogram_edges,
+    histogram_figure,
     patient_rows,
     quarantine_candidate,
     risk_sections,
@@ -84,6 +85,27 @@ def test_histogram_bins_fall_on_thresholds_and_follow_the_data(
     for t in thresholds:
         assert np.isclose(edges, t, atol=1e-12).any(), (t, edges)
         assert not np.any((edges[:-1] < t - 1e-12) & (edges[1:] > t + 1e-12)), f"a bin straddles {t}"
+
+
+def test_histogram_names_thresholds_in_a_legend_and_follows_the_data() -> None:
+    recs = [record(i, "pass", Grade.DIFFERENT, 0.8 + 0.001 * i) for i in range(10)]
+    recs += [record(10, "reject", Grade.SIMILAR, 0.93), record(11, "reject", Grade.DUPLICATE, 0.975)]
+    fig = histogram_figure(recs, [0.7, 0.8, 0.85, 0.9])
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [
+        "calibration: real patients (4)",
+        "similar from 0.900",
+        "duplicate from 0.970",
+        "pass (10)",
+        "reject (2)",
+    ]
+    assert len(ax.texts) == 0  # no label drawn on the plot, where labels overlapped each other
+    lo, hi = ax.get_xlim()
+    assert 0.68 <= lo < 0.7 and 0.975 < hi <= 0.99  # the data's range, not [-1, 1]
+    fig.canvas.draw()
+    legend_box = ax.get_legend().get_window_extent()
+    assert legend_box.x0 >= ax.get_window_extent().x1  # beside the bars, not on them
 
 
 def test_write_png_round_trip(tmp_path: Path) -> None:
