@@ -68,6 +68,14 @@ class InputError(GateError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class DomainError(InputError):
+    """A candidate lies outside the domain its index can judge (field of view, spacing, shape).
+
+    Exit 3 like any input that cannot be decided: the candidate is never judged on a fraction of
+    its voxels (:mod:`gate.domain`).
+    """
+
+
 class IntegrityError(GateError):
     """An artefact (model, index, manifest, bundle, audit log) does not match what it claims."""
 

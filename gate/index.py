@@ -41,6 +41,7 @@ import numpy as np
 from gate import __version__
 from gate.calibration import Calibration
 from gate.digest import sha256_file, sha256_voxels
+from gate.domain import Domain
 from gate.errors import IntegrityError, UsageError
 from gate.index_manifest import (
     FORMAT_VERSION,
@@ -269,6 +270,7 @@ def build_index(
     calibration: Calibration,
     seed: int = DEFAULT_SEED,
     poses: PoseSet = IDENTITY_ONLY,
+    domain: Domain | None = None,
 ) -> IndexManifest:
     """Build the graph, self-test it, and write the index directory atomically.
 
@@ -282,6 +284,8 @@ def build_index(
         calibration: from :mod:`gate.calibration` (holdout or leave-one-patient-out).
         seed: hnswlib level seed and self-test seed.
         poses: the poses the probes were embedded under (recorded in the manifest).
+        domain: what the index can judge (:func:`gate.domain.measure_domain` of the training
+            volumes); None records none, and every check against the index is then refused.
 
     Returns:
         The written manifest.
@@ -355,6 +359,7 @@ def build_index(
             rows=rows,
             calibration=calibration,
             self_test=self_test,
+            domain=domain,
             gate_version=__version__,
             hnswlib_version=_hnswlib_version(),
         )
@@ -396,6 +401,11 @@ class TrainingIndex:
     def calibration(self) -> Calibration:
         """The calibration distribution recorded at build time."""
         return self.manifest.calibration
+
+    @property
+    def domain(self) -> Domain | None:
+        """The domain recorded at build time (None: none recorded; checks are refused)."""
+        return self.manifest.domain
 
     @classmethod
     def load(cls, index_dir: Path, encoder: EmbeddingModel) -> TrainingIndex:

@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gate.calibration import Calibration
+from gate.domain import Domain
 from gate.errors import IntegrityError
 from gate.poses import PoseSet
 from gate.preprocess import PreprocessConfig
@@ -22,8 +23,9 @@ from gate.preprocess import PreprocessConfig
 INDEX_FILE = "index.bin"
 VECTORS_FILE = "vectors.npy"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 3
-"""Manifest format this code writes and reads (3: poses may cut the field of view, `window_cut_vox`)."""
+FORMAT_VERSION = 4
+"""Manifest format this code writes and reads (3: poses may cut the field of view, `window_cut_vox`;
+4: the domain the index can judge, :class:`gate.domain.Domain`)."""
 
 SPACE = "cosine"
 """hnswlib space; its distance is ``1 - cos``, converted to cosine similarity in :meth:`search`."""
@@ -108,6 +110,7 @@ class IndexManifest(BaseModel):
     rows: tuple[IndexRow, ...]
     calibration: Calibration
     self_test: SelfTest
+    domain: Domain | None
     gate_version: str
     hnswlib_version: str
 

@@ -30,6 +30,7 @@ from gate.audit import AuditEntry, AuditLog, new_run_id, undecided_entries
 from gate.bundle import BundleWriter, PassedSample, Provenance
 from gate.decide import decide
 from gate.digest import sha256_voxels
+from gate.domain import check_in_domain
 from gate.errors import ExitCode, IntegrityError, UsageError
 from gate.index import TrainingIndex, embed_volumes
 from gate.policy import LoadedPolicy
@@ -285,6 +286,8 @@ def run_generate(
                 generator.sample(request.seed, start, count, request.ddim_steps), request.seed, start
             )
             t = clock.add("generate", t)
+            for vol in volumes:
+                check_in_domain(vol, index.manifest.domain)
             probes = embed_volumes(volumes, encoder)
             t = clock.add("embed", t)
             neighbours = index.search_many(

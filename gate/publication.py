@@ -33,6 +33,7 @@ from gate.audit import AuditLog, verify_log
 from gate.bundle import BundleManifest, check_files, read_manifest
 from gate.decide import decide
 from gate.digest import sha256_voxels
+from gate.domain import check_in_domain
 from gate.errors import ExitCode, GateError, IntegrityError
 from gate.identity import Pseudonymizer
 from gate.index import EmbeddingModel, TrainingIndex, embed_volumes
@@ -332,6 +333,14 @@ def _redecide(
                     volumes.append((source, vol))
             except GateError as err:
                 result.problems.append(f"unreadable: {err}")
+        if result.problems:
+            result.ok, result.verdict = False, "error"
+            continue
+        for source, vol in volumes:
+            try:
+                check_in_domain(vol, index.manifest.domain)
+            except GateError as err:
+                result.problems.append(str(err).replace(str(source), source.name))
         if result.problems:
             result.ok, result.verdict = False, "error"
             continue

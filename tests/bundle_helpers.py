@@ -18,6 +18,7 @@ from gate.bundle import BundleWriter, Provenance
 from gate.calibration import leave_one_patient_out
 from gate.decide import decide
 from gate.digest import sha256_source, sha256_voxels
+from gate.domain import measure_domain
 from gate.identity import Pseudonymizer
 from gate.index import TrainingIndex, build_index, embed_volumes
 from gate.policy import LoadedPolicy, load_policy
@@ -79,7 +80,8 @@ def make_training(root: Path) -> Training:
     ids = [v.patient_id for v in volumes]
     vectors = np.stack([p.embedding.vector for p in probes])
     out = root / "index"
-    build_index(probes, ids, shas, encoder, out, leave_one_patient_out(vectors, ids, 0))
+    domain = measure_domain(volumes, encoder.preprocess)
+    build_index(probes, ids, shas, encoder, out, leave_one_patient_out(vectors, ids, 0), domain=domain)
     return Training(data, out, encoder, TrainingIndex.load(out, encoder), volumes, shas)
 
 

@@ -12,11 +12,32 @@ from pathlib import Path
 import numpy as np
 
 from gate.calibration import leave_one_patient_out
+from gate.domain import Domain, IntensityStats
 from gate.index import Probe, build_index
 from gate.preprocess import PreprocessConfig
 from gate.values import Embedding
 
 GRID = (8, 8, 8)
+
+WIDE_DOMAIN = Domain(
+    n_volumes=1,
+    canonical=True,
+    fov_mm_min=(1.0, 1.0, 1.0),
+    fov_mm_max=(1e4, 1e4, 1e4),
+    shape_min=(1, 1, 1),
+    shape_max=(10_000, 10_000, 10_000),
+    spacing_mm_min=(0.01, 0.01, 0.01),
+    spacing_mm_max=(100.0, 100.0, 100.0),
+    intensity=IntensityStats(
+        p_low_min=0.0,
+        p_low_max=0.0,
+        p_high_min=1.0,
+        p_high_max=1.0,
+        foreground_fraction_min=0.0,
+        foreground_fraction_max=1.0,
+    ),
+)
+"""A domain that admits any test volume, for indexes built from vectors (no volumes to measure)."""
 
 
 class ProjectionEncoder:
@@ -55,6 +76,12 @@ def build_from_vectors(
     ids = [pid(i // per_patient) for i in range(len(vectors))]
     probes = [Probe(Embedding(v, encoder.sha256, f"row{i}"), f"{i:064x}") for i, v in enumerate(vectors)]
     build_index(
-        probes, ids, ["ab" * 32] * len(vectors), encoder, out_dir, leave_one_patient_out(vectors, ids, 0)
+        probes,
+        ids,
+        ["ab" * 32] * len(vectors),
+        encoder,
+        out_dir,
+        leave_one_patient_out(vectors, ids, 0),
+        domain=WIDE_DOMAIN,
     )
     return ids

@@ -12,6 +12,7 @@ import numpy as np
 from gate.calibration import Calibration, holdout, leave_one_patient_out
 from gate.cli.options import input_options, read_options
 from gate.digest import sha256_source
+from gate.domain import measure_domain
 from gate.errors import ExitCode, InputError, IntegrityError
 from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index, embed_volumes
 from gate.poses import POSE_SETS
@@ -228,7 +229,8 @@ def build(
     else:
         as_read = np.arange(0, len(vectors), len(poses))
         calibration = leave_one_patient_out(vectors, row_patient_ids, seed, query_rows=as_read)
-    manifest = build_index(probes, patient_ids, hashes, encoder, out_dir, calibration, seed, poses)
+    domain = measure_domain(volumes, encoder.preprocess)
+    manifest = build_index(probes, patient_ids, hashes, encoder, out_dir, calibration, seed, poses, domain)
     keep_encoder_copy(encoder, encoder_dir, out_dir)
     p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
     click.echo(f"index: {out_dir}")
@@ -245,6 +247,7 @@ def build(
         f"  calibration ({calibration.method.value}, {calibration.n_patients} patients): "
         f"nearest-training similarity p50 {p50:.4f}, p90 {p90:.4f}, p99 {p99:.4f}"
     )
+    click.echo(f"  domain: {domain.describe()}")
     click.echo(f"  index sha256 {manifest.index_sha256}")
 
 

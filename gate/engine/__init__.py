@@ -189,6 +189,30 @@ class Judged:
     provider: str
 
 
+def split_in_domain(items: Sequence[Item], index: Searcher) -> tuple[list[Item], list[InputError]]:
+    """Keep the items the index can judge; the rest become one-line :class:`DomainError` s.
+
+    Checked before anything is preprocessed or embedded (:func:`gate.domain.check_in_domain`).
+    Items whose ``ref`` is not a :class:`~gate.values.Volume` (Ray chunks) are kept: the Ray
+    engine does not yet check the domain.
+    """
+    from gate.domain import check_in_domain
+
+    manifest = getattr(index, "manifest", None)
+    domain = getattr(manifest, "domain", None)
+    kept: list[Item] = []
+    refused: list[InputError] = []
+    for item in items:
+        if isinstance(item.ref, Volume):
+            try:
+                check_in_domain(item.ref, domain)
+            except InputError as err:
+                refused.append(err)
+                continue
+        kept.append(item)
+    return kept, refused
+
+
 def judge(
     engine: Engine,
     index: Searcher,
@@ -217,6 +241,8 @@ def judge(
 
     """
     items, errors = engine.read(paths, options)
+    items, refused = split_in_domain(items, index)
+    errors = errors + refused
     provider = engine.provider
     for err in errors:
         audit.append(AuditEntry.for_error(run_id, problem(err), policy.id, policy.sha256, provider))
