@@ -105,7 +105,7 @@ def gate_check(
     args += ["--encoder", str(encoder), "--device", "cpu", "--json", str(report)]
     args += ["--audit-log", str(report.parent / "audit.jsonl")]
     code, _, err = run_gate(gate_bin, args, env)
-    if code not in (0, 1):
+    if code not in (0, 1, 5):  # 5: flagged (none rejected)
         raise SystemExit(f"gate check failed ({code}): {err[-2000:]}")
     data = json.loads(report.read_text())
     data["returncode"] = code
