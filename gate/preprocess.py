@@ -8,10 +8,19 @@ made from it; a mismatch at load time is an integrity error. Every function take
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from scipy import ndimage
 
 from gate.digest import sha256_json
@@ -32,6 +41,16 @@ volumes reaching ~1.7e6; clipping at the 0.5th/99.5th percentiles of each volume
 few extreme voxels that would otherwise squash the rest into a sliver of [0, 1]."""
 
 
+FOREGROUND_MIN_FRACTION = 0.01
+"""Foreground percentiles fall back to all voxels when fewer than 1% of the volume lies above its
+minimum (a nearly empty volume has no foreground to measure)."""
+
+ADDED_FIELDS: tuple[str, ...] = ("intensity", "hu_window", "percentile_region", "fov")
+"""Fields added after the shipped encoder was exported: they enter the digest only when set to a
+non-default value, so every config made before them keeps its digest (and the shipped encoder
+and index stay bound) while any new choice changes it."""
+
+
 IDENTITY_ORNT = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
 """nibabel orientation transform that keeps every axis and its direction."""
 
@@ -45,6 +64,13 @@ class PreprocessConfig(BaseModel):
         clip_percentiles: (low, high) percentiles of each volume's intensities to clip at,
             0 <= low < high <= 100; the clipped range is then scaled to [0, 1].
         canonical_orientation: reorient to RAS+ before resampling.
+        intensity: "percentile" (MR: clip at the volume's own percentiles) or "hu_window"
+            (CT: clip at the fixed ``hu_window`` in Hounsfield units), then scale to [0, 1].
+        hu_window: (low, high) HU, low < high; required by, and only allowed with, "hu_window".
+        percentile_region: "all" voxels, or "foreground" (voxels above the volume's minimum),
+            so a large zero background does not pull the percentiles down.
+        fov: "crop" (centre-crop or zero-pad the resampled volume to ``grid``) or "fit"
+            (resample the whole field of view onto ``grid``: nothing is cut, spacing varies).
 
     """
 
@@ -54,6 +80,10 @@ class PreprocessConfig(BaseModel):
     spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM
     clip_percentiles: tuple[float, float] = DEFAULT_CLIP_PERCENTILES
     canonical_orientation: bool = Field(default=True)
+    intensity: Literal["percentile", "hu_window"] = "percentile"
+    hu_window: tuple[float, float] | None = None
+    percentile_region: Literal["all", "foreground"] = "all"
+    fov: Literal["crop", "fit"] = "crop"
 
     @field_validator("grid")
     @classmethod
@@ -78,9 +108,29 @@ class PreprocessConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _hu_window_with_intensity(self) -> PreprocessConfig:
+        if self.intensity == "hu_window":
+            if self.hu_window is None or not self.hu_window[0] < self.hu_window[1]:
+                raise ValueError(
+                    f"intensity hu_window needs hu_window (low, high) with low < high; got {self.hu_window}"
+                )
+        elif self.hu_window is not None:
+            raise ValueError("hu_window is set but intensity is 'percentile'; set intensity: hu_window")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_added_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Every dump (digests, manifests, nested configs) leaves out added fields at their default."""
+        data = handler(self)
+        for name in ADDED_FIELDS:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
+
     @cached_property
     def digest(self) -> str:
-        """sha256 of the canonical JSON of this config."""
+        """sha256 of the canonical JSON of this config (added fields only when not default)."""
         return sha256_json(self.model_dump(mode="json"))
 
 
@@ -172,18 +222,33 @@ def crop_or_pad(volume: Volume, grid: tuple[int, int, int]) -> Volume:
     )
 
 
-def normalize_intensity(volume: Volume, clip_percentiles: tuple[float, float]) -> Volume:
-    """Clip at the volume's own percentiles, then scale linearly to [0, 1].
+def normalize_intensity(
+    volume: Volume,
+    clip_percentiles: tuple[float, float],
+    region: str = "all",
+    hu_window: tuple[float, float] | None = None,
+) -> Volume:
+    """Clip at the volume's own percentiles (or a fixed HU window), then scale linearly to [0, 1].
 
     Args:
-        volume: any intensity range (uint8-derived or float up to ~1e6).
+        volume: any intensity range (uint8-derived or float up to ~1e6; CT in HU).
         clip_percentiles: (low, high) percentiles in [0, 100].
+        region: "all" voxels or "foreground" (above the minimum) for the percentiles.
+        hu_window: (low, high) fixed window; when given, percentiles are not used.
 
     Returns:
         Volume with intensities in [0, 1]; a constant volume maps to all zeros.
 
     """
-    lo, hi = np.percentile(volume.data, clip_percentiles)
+    if hu_window is not None:
+        lo, hi = hu_window
+    else:
+        values = volume.data
+        if region == "foreground":
+            fg = values[values > values.min()]
+            if fg.size >= FOREGROUND_MIN_FRACTION * values.size:
+                values = fg
+        lo, hi = np.percentile(values, clip_percentiles)
     span = float(hi - lo)
     if span <= 0.0:
         data = np.zeros_like(volume.data)
@@ -212,7 +277,41 @@ def preprocess_uncropped(volume: Volume, config: PreprocessConfig) -> Volume:
     if config.canonical_orientation:
         volume = to_canonical(volume)
     volume = resample(volume, config.spacing_mm)
-    return normalize_intensity(volume, config.clip_percentiles)
+    if config.fov == "fit":
+        volume = fit_to_grid(volume, config.grid)
+    return normalize_intensity(
+        volume,
+        config.clip_percentiles,
+        config.percentile_region,
+        config.hu_window if config.intensity == "hu_window" else None,
+    )
+
+
+def fit_to_grid(volume: Volume, grid: tuple[int, int, int]) -> Volume:
+    """Resample the whole field of view onto ``grid`` (trilinear; anisotropic when the shapes differ).
+
+    Args:
+        volume: any shape (X, Y, Z).
+        grid: output shape.
+
+    Returns:
+        Volume of shape ``grid`` covering the same field of view (spacing scaled per axis).
+
+    """
+    factors = np.asarray(grid, dtype=np.float64) / np.asarray(volume.data.shape[:3], dtype=np.float64)
+    if np.allclose(factors, 1.0):
+        return volume
+    data = ndimage.zoom(volume.data, factors, order=1, mode="nearest", grid_mode=True)
+    data = crop_or_pad(
+        Volume(data, volume.affine, volume.spacing, volume.source, volume.patient_id), grid
+    ).data
+    return Volume(
+        data=np.ascontiguousarray(data, dtype=np.float32),
+        affine=volume.affine @ np.diag([1.0 / f for f in factors] + [1.0]),
+        spacing=tuple(float(s / f) for s, f in zip(volume.spacing, factors, strict=True)),  # type: ignore[arg-type]
+        source=volume.source,
+        patient_id=volume.patient_id,
+    )
 
 
 def preprocess(volume: Volume, config: PreprocessConfig) -> Volume:
@@ -273,3 +372,67 @@ def preprocess_batch(volumes: list[Volume], config: PreprocessConfig, margin: in
     for i, vol in enumerate(volumes):
         out[i, 0] = preprocess_with_margin(vol, config, margin)
     return out
+
+
+CT_MIN_INTENSITY = -500.0
+"""A volume whose minimum is below -500 is taken for CT in HU (air is -1000 HU; MR magnitudes
+are >= 0): :func:`suggest_config` then proposes a fixed HU window instead of percentiles."""
+
+DEFAULT_HU_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
+"""Suggested CT window: air to dense bone, the range MAISI-style CT generators normalise to."""
+
+GRID_MULTIPLE = 16
+"""Grid sizes are suggested as multiples of 16: the encoder (gate.encoder.model.EncoderSpec)
+downsamples 2x four times."""
+
+
+BACKGROUND_FOREGROUND_SWITCH = 0.2
+"""Suggest foreground percentiles when the median volume has more than 20% of its voxels at its
+minimum (a zero background around the anatomy): whole-volume percentiles would then be pulled
+towards the background and saturate the tissue (issue 11: 86% of a pasted crop saturated)."""
+
+
+def suggest_config(
+    shapes: np.ndarray, spacings: np.ndarray, min_intensity: float, background_fraction: float = 0.0
+) -> PreprocessConfig:
+    """A starting PreprocessConfig for a data set (what ``gate inspect`` prints).
+
+    Args:
+        shapes: (N, 3) voxels per volume.
+        spacings: (N, 3) mm per voxel.
+        min_intensity: the lowest voxel value over the data set.
+        background_fraction: median over volumes of the fraction of voxels at the volume's minimum.
+
+    Returns:
+        Spacing: the median voxel size (0.1 mm steps); grid: the median field of view at that
+        spacing, rounded down to a multiple of 16 (>= 16), so the median volume is cropped
+        least; a fixed HU window for CT-like data (minimum < -500), else percentiles, over the
+        foreground when the background fraction exceeds 0.2.
+
+    """
+    spacing = np.maximum(np.round(np.median(np.asarray(spacings, dtype=np.float64), axis=0), 1), 0.1)
+    fov = np.median(np.asarray(shapes, dtype=np.float64) * np.asarray(spacings, dtype=np.float64), axis=0)
+    grid = np.maximum(GRID_MULTIPLE, (fov / spacing // GRID_MULTIPLE) * GRID_MULTIPLE).astype(int)
+    common: dict[str, Any] = {
+        "grid": tuple(int(g) for g in grid),
+        "spacing_mm": tuple(float(s) for s in spacing),
+    }
+    if min_intensity < CT_MIN_INTENSITY:
+        return PreprocessConfig(**common, intensity="hu_window", hu_window=DEFAULT_HU_WINDOW)
+    region = "foreground" if background_fraction > BACKGROUND_FOREGROUND_SWITCH else "all"
+    return PreprocessConfig(**common, percentile_region=region)
+
+
+def config_flags(config: PreprocessConfig) -> str:
+    """The ``gate encoder train`` flags that set ``config``."""
+    flags = [
+        "--grid " + " ".join(str(g) for g in config.grid),
+        "--spacing " + " ".join(f"{s:g}" for s in config.spacing_mm),
+        f"--fov {config.fov}",
+        f"--intensity {config.intensity}",
+    ]
+    if config.hu_window is not None:
+        flags.append(f"--hu-window {config.hu_window[0]:g} {config.hu_window[1]:g}")
+    else:
+        flags.append(f"--percentile-region {config.percentile_region}")
+    return " ".join(flags)

@@ -78,6 +78,50 @@ def test_config_digest_stable_and_sensitive() -> None:
     assert len(PreprocessConfig().digest) == 64
 
 
+SHIPPED_PREPROCESS_DIGEST = "afdbf85a3fb0dd9044bd973c91d367932ae34b482acfe8b4959a8144393fe52a"
+"""The default config's digest that the shipped encoder and index are bound to."""
+
+
+def test_added_fields_keep_the_default_digest_and_change_it_when_set() -> None:
+    assert PreprocessConfig().digest == SHIPPED_PREPROCESS_DIGEST
+    changed = [
+        PreprocessConfig(percentile_region="foreground"),
+        PreprocessConfig(fov="fit"),
+        PreprocessConfig(intensity="hu_window", hu_window=(-1000.0, 1000.0)),
+    ]
+    digests = {c.digest for c in changed}
+    assert len(digests) == 3 and SHIPPED_PREPROCESS_DIGEST not in digests
+
+
+def test_hu_window_clips_fixed_hounsfield_units() -> None:
+    data = np.array([-2000.0, -1000.0, 0.0, 1000.0, 3000.0], np.float32).reshape(5, 1, 1)
+    out = normalize_intensity(_vol(data), (0.5, 99.5), hu_window=(-1000.0, 1000.0)).data.ravel()
+    np.testing.assert_allclose(out, [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_foreground_percentiles_ignore_a_zero_background() -> None:
+    rng = np.random.default_rng(0)
+    tissue = rng.uniform(100.0, 200.0, size=(8, 8, 8)).astype(np.float32)
+    big = np.zeros((30, 30, 30), np.float32)  # 98.1% background
+    big[16:24, 16:24, 16:24] = tissue
+    whole = normalize_intensity(_vol(big), (0.5, 99.5)).data[16:24, 16:24, 16:24]
+    fg = normalize_intensity(_vol(big), (0.5, 99.5), region="foreground").data[16:24, 16:24, 16:24]
+    alone = normalize_intensity(_vol(tissue), (0.5, 99.5)).data
+    np.testing.assert_allclose(fg, alone, atol=1e-6)
+    assert whole.mean() > alone.mean() + 0.2  # the whole-volume clip squashes the tissue upwards
+
+
+def test_fit_keeps_the_whole_field_of_view() -> None:
+    data = np.zeros((64, 96, 64), np.float32)
+    data[:4] = 100.0  # anatomy at the edge a centre crop would cut
+    data[4:] = 10.0
+    cfg = PreprocessConfig(grid=(16, 24, 16), fov="fit")
+    out = preprocess(_vol(data), cfg)
+    assert out.data.shape == (16, 24, 16) and out.data[0].mean() > 0.9
+    cropped = preprocess(_vol(data), PreprocessConfig(grid=(16, 24, 16)))
+    assert cropped.data[0].mean() < 0.2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -85,6 +129,10 @@ def test_config_digest_stable_and_sensitive() -> None:
         ({"spacing_mm": (1.0, 0.0, 1.0)}, "every spacing must be > 0 mm"),
         ({"clip_percentiles": (99.0, 1.0)}, "clip_percentiles must satisfy 0 <= low < high <= 100"),
         ({"colour": "blue"}, "Extra inputs are not permitted"),
+        ({"intensity": "hu_window"}, "intensity hu_window needs hu_window"),
+        ({"intensity": "hu_window", "hu_window": (300.0, -100.0)}, "low < high"),
+        ({"hu_window": (-100.0, 300.0)}, "hu_window is set but intensity is 'percentile'"),
+        ({"fov": "stretch"}, "Input should be 'crop' or 'fit'"),
     ],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
@@ -102,3 +150,55 @@ def test_real_volumes_share_range(hippocampus_dir: Path, read_opts: ReadOptions)
     for x in batch:
         assert x.min() == 0.0 and x.max() == 1.0
         assert 0.05 < float(x.mean()) < 0.6
+
+
+def test_suggest_config_mr_crops_head_mr_and_ct() -> None:
+    from gate.preprocess import config_flags, suggest_config
+
+    crops = suggest_config(np.array([[35, 50, 36], [31, 40, 24], [43, 59, 47]]), np.ones((3, 3)), 0.0)
+    assert crops == PreprocessConfig()  # the shipped default for the hippocampus crops
+    head = suggest_config(np.array([[256, 256, 160]]), np.ones((1, 3)), 0.0, background_fraction=0.5)
+    assert head.grid == (256, 256, 160) and head.percentile_region == "foreground"
+    ct = suggest_config(np.array([[512, 512, 100]]), np.array([[0.7, 0.7, 2.5]]), -1024.0)
+    assert ct.intensity == "hu_window" and ct.hu_window == (-1000.0, 1000.0)
+    assert ct.spacing_mm == (0.7, 0.7, 2.5) and ct.grid == (512, 512, 96)
+    assert (
+        config_flags(ct)
+        == "--grid 512 512 96 --spacing 0.7 0.7 2.5 --fov crop --intensity hu_window --hu-window -1000 1000"
+    )
+
+
+def test_train_preprocessing_flags_and_yaml_are_validated(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gate.cli import main
+    from gate.cli.encoder import preprocess_config
+    from gate.errors import UsageError
+
+    yaml_file = tmp_path / "pre.yaml"
+    yaml_file.write_text("grid: [64, 64, 64]\nintensity: hu_window\nhu_window: [-200, 400]\n")
+    cfg = preprocess_config(yaml_file, {"spacing_mm": (2.0, 2.0, 2.0)})
+    assert cfg == PreprocessConfig(
+        grid=(64, 64, 64), spacing_mm=(2.0, 2.0, 2.0), intensity="hu_window", hu_window=(-200.0, 400.0)
+    )
+    assert preprocess_config(yaml_file, {"intensity": "percentile"}).hu_window is None
+    with pytest.raises(UsageError, match="preprocessing grid: Value error, every grid size must be >= 8"):
+        preprocess_config(None, {"grid": (4, 8, 8)})
+    (tmp_path / "bad.yaml").write_text("- 1\n")
+    with pytest.raises(UsageError, match="expected a mapping of PreprocessConfig fields"):
+        preprocess_config(tmp_path / "bad.yaml", {})
+    data = tmp_path / "data"
+    data.mkdir()
+    result = CliRunner().invoke(
+        main,
+        ["encoder", "train", "--data", str(data), "--out", str(tmp_path / "o"), "--intensity", "hu_window"],
+    )
+    assert result.exit_code == 2 and "intensity hu_window needs hu_window" in result.output
+    result = CliRunner().invoke(
+        main,
+        ["encoder", "train", "--data", str(data), "--out", str(tmp_path / "o"), "--grid", "24", "32", "24"],
+    )
+    assert (
+        result.exit_code == 2
+        and "--grid (24, 32, 24): Value error, every grid size must be divisible by 16" in result.output
+    )

@@ -13,7 +13,11 @@ from gate.cli.options import input_options, read_options
 
 
 def _load_grids(
-    folder: Path, opts_args: tuple, grid: tuple[int, int, int] | None = None, margin: int = 0
+    folder: Path,
+    opts_args: tuple,
+    grid: tuple[int, int, int] | None = None,
+    margin: int = 0,
+    config: object | None = None,
 ) -> tuple[object, list, str]:
     """Read every volume under ``folder`` and preprocess it onto the grid (plus ``margin``).
 
@@ -25,8 +29,46 @@ def _load_grids(
     from gate.encoder.data import load_folder
     from gate.preprocess import PreprocessConfig
 
-    cfg = PreprocessConfig() if grid is None else PreprocessConfig(grid=grid)
-    return load_folder(folder, read_options(*opts_args), cfg, margin)
+    if config is not None:
+        cfg = config
+    else:
+        cfg = PreprocessConfig() if grid is None else PreprocessConfig(grid=grid)
+    return load_folder(folder, read_options(*opts_args), cfg, margin)  # type: ignore[arg-type]
+
+
+def preprocess_config(path: Path | None, overrides: dict[str, object]) -> object:
+    """A validated PreprocessConfig from an optional YAML file and flag overrides.
+
+    Raises:
+        UsageError: unreadable YAML, not a mapping, unknown field or bad value (one line).
+
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    from gate.errors import UsageError
+    from gate.preprocess import PreprocessConfig
+
+    values: dict[str, object] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise UsageError(f"{path}: unreadable YAML ({str(err).splitlines()[0]})") from err
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{path}: expected a mapping of PreprocessConfig fields")
+        values.update(loaded)
+    values.update(overrides)
+    if values.get("intensity") == "percentile" and "hu_window" not in overrides:
+        values.pop("hu_window", None)
+    try:
+        return PreprocessConfig(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "config"
+        raise UsageError(
+            f"preprocessing {field}: {first['msg']} (fields: {', '.join(PreprocessConfig.model_fields)})"
+        ) from None
 
 
 def parse_augment(overrides: tuple[str, ...]) -> object:
@@ -113,6 +155,40 @@ def encoder() -> None:
     "fields and defaults: gate/encoder/augment.py.",
 )
 @click.option("--no-resume", is_flag=True, help="Refuse to continue an existing checkpoint.")
+@click.option(
+    "--preprocess-config",
+    "preprocess_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="YAML with PreprocessConfig fields (grid, spacing_mm, clip_percentiles, intensity, "
+    "hu_window, percentile_region, fov); the flags below override it.",
+)
+@click.option("--grid", type=(int, int, int), default=None, help="Encoder grid X Y Z in voxels [32 48 32].")
+@click.option("--spacing", type=(float, float, float), default=None, help="Voxel size X Y Z in mm [1 1 1].")
+@click.option(
+    "--fov",
+    type=click.Choice(["crop", "fit"]),
+    default=None,
+    help="Field of view: centre-crop/pad to the grid (crop, default) or resample all of it onto it (fit).",
+)
+@click.option(
+    "--intensity",
+    type=click.Choice(["percentile", "hu_window"]),
+    default=None,
+    help="MR percentile clip (default) or a fixed CT window in HU (--hu-window).",
+)
+@click.option(
+    "--hu-window", type=(float, float), default=None, help="CT window LOW HIGH in HU, e.g. -1000 1000."
+)
+@click.option(
+    "--clip-percentiles", type=(float, float), default=None, help="Percentile clip LOW HIGH [0.5 99.5]."
+)
+@click.option(
+    "--percentile-region",
+    type=click.Choice(["all", "foreground"]),
+    default=None,
+    help="Percentiles over all voxels (default) or over the foreground (above the minimum).",
+)
 @input_options
 def train_command(
     data_dir: Path,
@@ -128,6 +204,14 @@ def train_command(
     pooling: str,
     augment_overrides: tuple[str, ...],
     no_resume: bool,
+    preprocess_file: Path | None,
+    grid: tuple[int, int, int] | None,
+    spacing: tuple[float, float, float] | None,
+    fov: str | None,
+    intensity: str | None,
+    hu_window: tuple[float, float] | None,
+    clip_percentiles: tuple[float, float] | None,
+    percentile_region: str | None,
     id_key_file: Path | None,
     patient_map: Path | None,
     patient_pattern: str | None,
@@ -139,14 +223,26 @@ def train_command(
     from gate.encoder.model import EncoderSpec
     from gate.encoder.train import EpochReport, TrainConfig, train
     from gate.errors import UsageError
-    from gate.preprocess import PreprocessConfig
 
     if threads is not None:
         torch.set_num_threads(threads)
     opts = (id_key_file, patient_map, patient_pattern, max_voxels)
-    cfg = PreprocessConfig()
+    flags = {
+        "grid": grid,
+        "spacing_mm": spacing,
+        "fov": fov,
+        "intensity": intensity,
+        "hu_window": hu_window,
+        "clip_percentiles": clip_percentiles,
+        "percentile_region": percentile_region,
+    }
+    cfg = preprocess_config(preprocess_file, {k: v for k, v in flags.items() if v is not None})
     if no_resume and (out_dir / "checkpoint.json").exists():
         raise UsageError(f"{out_dir} already holds a checkpoint and --no-resume was given; use a new --out")
+    try:
+        spec = EncoderSpec(grid=cfg.grid, pooling=pooling)  # type: ignore[arg-type, attr-defined]
+    except ValueError as err:  # pydantic's ValidationError
+        raise UsageError(f"--grid {cfg.grid}: {str(err).splitlines()[1].strip()}") from None  # type: ignore[attr-defined]
     config = TrainConfig(
         augment=parse_augment(augment_overrides),
         objective=objective,
@@ -154,12 +250,12 @@ def train_command(
         batch_size=batch_size,
         lr=lr,
         seed=seed,  # type: ignore[arg-type]
-        spec=EncoderSpec(grid=cfg.grid, pooling=pooling),  # type: ignore[arg-type]
+        spec=spec,
         preprocess=cfg,
     )
     # training volumes carry the window-shift margin; the holdout (validation only) does not
-    grids, _, digest = _load_grids(data_dir, opts, cfg.grid, config.augment.window_shift_vox)
-    hold = _load_grids(holdout_dir, opts)[0] if holdout_dir is not None else None
+    grids, _, digest = _load_grids(data_dir, opts, cfg.grid, config.augment.window_shift_vox, cfg)
+    hold = _load_grids(holdout_dir, opts, config=cfg)[0] if holdout_dir is not None else None
     click.echo(
         f"training {objective} encoder on {len(grids)} volumes (data {digest[:12]}), "  # type: ignore[arg-type]
         f"{epochs} epochs, device {device}",
@@ -242,7 +338,10 @@ def export_command(
 
     ck = load_checkpoint(ckpt_dir)
     grids, _, digest = _load_grids(
-        data_dir, (id_key_file, patient_map, patient_pattern, max_voxels), ck.config.preprocess.grid
+        data_dir,
+        (id_key_file, patient_map, patient_pattern, max_voxels),
+        ck.config.preprocess.grid,
+        config=ck.config.preprocess,
     )
     cfg = ck.config
     training = {

@@ -57,6 +57,7 @@ def inspect(
     options = read_options(id_key_file, patient_map, patient_pattern, max_voxels)
     sources = discover(list(paths))
     shapes, spacings, lows, highs, patients = [], [], [], [], set()
+    background: list[float] = []
     failures: list[InputError] = []
     for source in sources:
         try:
@@ -69,6 +70,7 @@ def inspect(
             spacings.append(vol.spacing)
             lows.append(float(vol.data.min()))
             highs.append(float(vol.data.max()))
+            background.append(float(np.mean(vol.data <= vol.data.min())))
             patients.add(vol.patient_id)
     click.echo(f"volumes: {len(shapes)} from {len(sources)} source(s)")
     if shapes:
@@ -87,6 +89,10 @@ def inspect(
             f"(per-volume max from {min(highs):g} to {max(highs):g})"
         )
         click.echo(f"patients: {len(patients)}")
+        from gate.preprocess import config_flags, suggest_config
+
+        suggested = suggest_config(arr, sp, min(lows), float(np.median(background)))
+        click.echo(f"suggested encoder preprocessing: {config_flags(suggested)}")
     click.echo(f"unreadable: {len(failures)}")
     for err in failures:
         click.echo(f"  {err}")
