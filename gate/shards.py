@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gate import __version__
 from gate.calibration import Calibration
 from gate.digest import sha256_file
+from gate.domain import Domain
 from gate.errors import IntegrityError, UsageError
 from gate.index import DEFAULT_K, DEFAULT_SEED, Probe, TrainingIndex, build_index
 from gate.index_manifest import INDEX_FILE, MANIFEST_FILE, VECTORS_FILE, EmbeddingModel, IndexManifest
@@ -92,6 +93,7 @@ class ShardSetManifest(BaseModel):
     n_patients: int = Field(ge=1)
     seed: int
     calibration: Calibration
+    domain: Domain | None
     shards: tuple[ShardEntry, ...] = Field(min_length=1, max_length=MAX_SHARDS)
     gate_version: str
 
@@ -167,8 +169,9 @@ def _build_one(
     calibration: Calibration,
     seed: int,
     poses: PoseSet,
+    domain: Domain | None,
 ) -> IndexManifest:
-    return build_index(probes, patient_ids, file_sha256s, encoder, out_dir, calibration, seed, poses)
+    return build_index(probes, patient_ids, file_sha256s, encoder, out_dir, calibration, seed, poses, domain)
 
 
 def build_sharded(
@@ -182,6 +185,7 @@ def build_sharded(
     seed: int = DEFAULT_SEED,
     poses: PoseSet = IDENTITY_ONLY,
     mapper: Mapper = process_map,
+    domain: Domain | None = None,
 ) -> ShardSetManifest:
     """Split by patient, build every shard with :func:`gate.index.build_index` (in parallel), bind them.
 
@@ -196,6 +200,8 @@ def build_sharded(
         seed: hnswlib and self-test seed of every shard.
         poses: the poses the probes were embedded under.
         mapper: runs the shard builds (:func:`process_map` locally; the Ray engine passes tasks).
+        domain: what the index can judge, measured over every training volume (recorded in the
+            set and in every shard).
 
     Returns:
         The written set manifest.
@@ -233,6 +239,7 @@ def build_sharded(
                     calibration,
                     seed,
                     poses,
+                    domain,
                 )
             )
         manifests: list[IndexManifest] = mapper(_build_one, jobs)
@@ -257,6 +264,7 @@ def build_sharded(
             n_patients=len(set(patient_ids)),
             seed=seed,
             calibration=calibration,
+            domain=domain,
             shards=entries,
             gate_version=__version__,
         )
@@ -336,6 +344,7 @@ def check_set(index_dir: Path, manifest: ShardSetManifest, shards: Sequence[Inde
             or m.encoder_sha256 != manifest.encoder_sha256
             or m.poses_digest != manifest.poses_digest
             or m.calibration != manifest.calibration
+            or m.domain != manifest.domain
             or m.seed != manifest.seed
         ):
             raise IntegrityError(
@@ -382,6 +391,11 @@ class ShardedIndex:
         return self.set_manifest.calibration
 
     @property
+    def domain(self) -> Domain | None:
+        """The domain of every training volume, recorded at build time."""
+        return self.set_manifest.domain
+
+    @property
     def manifest(self) -> IndexManifest:
         """The first shard's manifest (encoder, preprocessing and poses are the set's)."""
         return self.shards[0].manifest
@@ -426,6 +440,9 @@ class Searcher(Protocol):
 
     @property
     def calibration(self) -> Calibration: ...  # noqa: D102
+
+    @property
+    def domain(self) -> Domain | None: ...  # noqa: D102
 
     def search_many(  # noqa: D102
         self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K

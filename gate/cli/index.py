@@ -11,11 +11,13 @@ import numpy as np
 
 from gate.calibration import Calibration, holdout, leave_one_patient_out
 from gate.cli.options import input_options, read_options
-from gate.digest import sha256_source
+from gate.digest import sha256_file, sha256_source
 from gate.domain import measure_domain
+from gate.engine import Engine, EngineConfig, engine_options, open_engine
 from gate.errors import ExitCode, InputError, IntegrityError
-from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index, embed_volumes
-from gate.poses import POSE_SETS
+from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index
+from gate.poses import IDENTITY_ONLY, POSE_SETS, PoseSet
+from gate.shards import SHARDS_FILE, build_sharded
 from gate.values import Volume
 from gate.volume import ReadOptions, discover, read_volumes
 
@@ -185,6 +187,14 @@ def index() -> None:
     "voxels, turns of 5-10 degrees; see gate.poses) or as read only (none).",
 )
 @input_options
+@click.option(
+    "--shards",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Split the index by patient into this many hnswlib graphs, built in parallel (see gate.shards).",
+)
+@engine_options
 def build(
     data: tuple[Path, ...],
     encoder_dir: Path | None,
@@ -197,8 +207,17 @@ def build(
     patient_map: Path | None,
     patient_pattern: str | None,
     max_voxels: int,
+    shards: int,
+    engine: str,
+    ray_address: str | None,
+    workers: int,
+    batch_size: int,
+    num_gpus: float,
 ) -> None:
     """Embed every training volume and write an hnswlib index with its JSON manifest.
+
+    With --shards N the patients are split into N shards (a patient never straddles two), one
+    graph each, built in parallel (local processes, or Ray tasks), bound by shards.json.
 
     The manifest holds digests and pseudonymous patient ids only (no names, no paths), the
     calibration distribution and the self-test result. Exits 3 if any input is unreadable.
@@ -216,7 +235,24 @@ def build(
         f"embedding {len(volumes)} training volume(s) x {len(poses)} pose(s) with encoder "
         f"{encoder.sha256[:12]}…"
     )
-    probes = embed_volumes(volumes, encoder, poses)
+    config = EngineConfig(engine, ray_address, workers, batch_size, num_gpus, encoder_dir, device)
+    with open_engine(config, encoder) as eng:
+        _build_on(eng, volumes, held, hashes, poses, encoder, encoder_dir, out_dir, seed, shards)
+
+
+def _build_on(
+    eng: Engine,
+    volumes: list[Volume],
+    held: list[Volume],
+    hashes: list[str],
+    poses: PoseSet,
+    encoder: EmbeddingModel,
+    encoder_dir: Path | None,
+    out_dir: Path,
+    seed: int,
+    shards: int,
+) -> None:
+    probes = eng.embed_volumes(volumes, poses)
     patient_ids = [v.patient_id for v in volumes]
     row_patient_ids = [pid for pid in patient_ids for _ in range(len(poses))]
     vectors = _matrix(probes)
@@ -224,15 +260,48 @@ def build(
     if held:
         click.echo(f"calibrating on {len(held)} holdout volume(s)")
         calibration = holdout(
-            _matrix(embed_volumes(held, encoder)), [v.patient_id for v in held], vectors, row_patient_ids
+            _matrix(eng.embed_volumes(held, IDENTITY_ONLY)),
+            [v.patient_id for v in held],
+            vectors,
+            row_patient_ids,
         )
     else:
         as_read = np.arange(0, len(vectors), len(poses))
         calibration = leave_one_patient_out(vectors, row_patient_ids, seed, query_rows=as_read)
+    p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
     domain = measure_domain(volumes, encoder.preprocess)
+    if shards > 1:
+        sharded = build_sharded(
+            probes,
+            patient_ids,
+            hashes,
+            encoder,
+            out_dir,
+            calibration,
+            shards,
+            seed,
+            poses,
+            eng.mapper,
+            domain,
+        )
+        click.echo(f"index: {out_dir} ({shards} shards)")
+        click.echo(
+            f"  volumes {len(volumes)}, rows {sharded.count}, patients {sharded.n_patients}, "
+            f"dim {sharded.dim}, poses {len(poses)}"
+        )
+        for entry in sharded.shards:
+            click.echo(
+                f"  {entry.name}: rows {entry.count}, patients {entry.n_patients}, "
+                f"self-test passed, manifest sha256 {entry.manifest_sha256[:12]}…"
+            )
+        click.echo(
+            f"  calibration ({calibration.method.value}, {calibration.n_patients} patients): "
+            f"nearest-training similarity p50 {p50:.4f}, p90 {p90:.4f}, p99 {p99:.4f}"
+        )
+        click.echo(f"  shards.json sha256 {sha256_file(out_dir / SHARDS_FILE)}")
+        return
     manifest = build_index(probes, patient_ids, hashes, encoder, out_dir, calibration, seed, poses, domain)
     keep_encoder_copy(encoder, encoder_dir, out_dir)
-    p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
     click.echo(f"index: {out_dir}")
     click.echo(
         f"  volumes {len(volumes)}, rows {manifest.count}, patients {manifest.n_patients}, "

@@ -193,13 +193,12 @@ def split_in_domain(items: Sequence[Item], index: Searcher) -> tuple[list[Item],
     """Keep the items the index can judge; the rest become one-line :class:`DomainError` s.
 
     Checked before anything is preprocessed or embedded (:func:`gate.domain.check_in_domain`).
-    Items whose ``ref`` is not a :class:`~gate.values.Volume` (Ray chunks) are kept: the Ray
-    engine does not yet check the domain.
+    Items whose ``ref`` is not a :class:`~gate.values.Volume` (Ray chunks) are kept here: the
+    Ray engine checks them in its read tasks and returns the refusals after the read errors.
     """
     from gate.domain import check_in_domain
 
-    manifest = getattr(index, "manifest", None)
-    domain = getattr(manifest, "domain", None)
+    domain = index.domain
     kept: list[Item] = []
     refused: list[InputError] = []
     for item in items:
@@ -241,8 +240,34 @@ def judge(
 
     """
     items, errors = engine.read(paths, options)
+    return judge_items(engine, index, items, errors, policy, audit, run_id, problem)
+
+
+def judge_items(
+    engine: Engine,
+    index: Searcher,
+    items: Sequence[Item],
+    errors: Sequence[InputError],
+    policy: LoadedPolicy,
+    audit: AuditLog,
+    run_id: str,
+    problem: Callable[[InputError], str],
+) -> Judged:
+    """:func:`judge` after reading: the same records, for items already read (:mod:`gate.api`'s arrays).
+
+    Args:
+        engine: where to run.
+        index: from ``engine.open_index``.
+        items: the candidates read, in order.
+        errors: the inputs that could not be read (one error record each).
+        policy: the policy in force.
+        audit: the log (written by this process only).
+        run_id: the run.
+        problem: the audit text of an unreadable input (names no file).
+
+    """
     items, refused = split_in_domain(items, index)
-    errors = errors + refused
+    errors = [*errors, *refused]
     provider = engine.provider
     for err in errors:
         audit.append(AuditEntry.for_error(run_id, problem(err), policy.id, policy.sha256, provider))

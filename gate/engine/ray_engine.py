@@ -29,8 +29,17 @@ from ray.util import ActorPool
 
 from gate.calibration import Calibration
 from gate.digest import sha256_voxels
+from gate.domain import Domain
 from gate.engine import EngineConfig, Item
-from gate.errors import GateError, InputError, IntegrityError, ProviderError, UsageError, WorkerError
+from gate.errors import (
+    DomainError,
+    GateError,
+    InputError,
+    IntegrityError,
+    ProviderError,
+    UsageError,
+    WorkerError,
+)
 from gate.index import DEFAULT_K, Probe
 from gate.index_manifest import EmbeddingModel, IndexManifest, read_manifest
 from gate.poses import IDENTITY_ONLY, PoseSet, posed_grids
@@ -55,17 +64,21 @@ CUDA = "CUDAExecutionProvider"
 
 
 def _read_chunk(
-    sources: list[str], options: ReadOptions, preprocess: PreprocessConfig
-) -> tuple[tuple[list[tuple[str, str, str]], list[tuple[str, str]]], np.ndarray]:
-    """Read, preprocess (identity pose) and hash some sources.
+    sources: list[str], options: ReadOptions, preprocess: PreprocessConfig, domain: Domain | None
+) -> tuple[tuple[list[tuple[str, str, str]], list[tuple[str, str]], list[tuple[str, str]]], np.ndarray]:
+    """Read, check the domain, preprocess (identity pose) and hash some sources.
 
     Returns:
         ((source, candidate sha256, voxel sha256) per volume, (path, problem) per unreadable
-        source), and the (n, 1, X, Y, Z) float32 grids.
+        source, (path, problem) per volume outside the index's domain), and the (n, 1, X, Y, Z)
+        float32 grids.
 
     """
+    from gate.domain import check_in_domain
+
     rows: list[tuple[str, str, str]] = []
     errors: list[tuple[str, str]] = []
+    refused: list[tuple[str, str]] = []
     grids: list[np.ndarray] = []
     for source in sources:
         try:
@@ -74,12 +87,17 @@ def _read_chunk(
             errors.append((err.path, err.problem))
             continue
         for vol in vols:
+            try:
+                check_in_domain(vol, domain)
+            except InputError as err:
+                refused.append((err.path, err.problem))
+                continue
             (grid,) = posed_grids(vol, preprocess, IDENTITY_ONLY)
             rows.append((vol.source, sha256_voxels(vol.data), sha256_voxels(grid)))
             grids.append(grid)
     shape = (0, 1, *preprocess.grid)
     batch = np.stack(grids)[:, None].astype(np.float32) if grids else np.zeros(shape, np.float32)
-    return (rows, errors), batch
+    return (rows, errors, refused), batch
 
 
 class EmbedActor:
@@ -88,10 +106,17 @@ class EmbedActor:
     def __init__(self, encoder_dir: str | None, device: str, threads: int | None) -> None:
         from gate.embed import DEFAULT_ENCODER_DIR, Encoder
 
-        self.encoder = Encoder(Path(encoder_dir) if encoder_dir else DEFAULT_ENCODER_DIR, device, threads)  # type: ignore[arg-type]
+        self.failure: GateError | None = None  # raised by info(): a constructor error kills the actor
+        try:
+            path = Path(encoder_dir) if encoder_dir else DEFAULT_ENCODER_DIR
+            self.encoder = Encoder(path, device, threads)  # type: ignore[arg-type]
+        except GateError as err:
+            self.failure = err
 
     def info(self) -> tuple[str, str]:
-        """(encoder sha256, execution provider)."""
+        """(encoder sha256, execution provider); raises the load error, if any."""
+        if self.failure is not None:
+            raise self.failure
         return self.encoder.sha256, self.encoder.provider
 
     def embed_array(self, batch: np.ndarray) -> np.ndarray:
@@ -111,10 +136,16 @@ class ShardActor:
     def __init__(self, index_dir: str, encoder: EncoderIdentity) -> None:
         from gate.index import TrainingIndex
 
-        self.index = TrainingIndex.load(Path(index_dir), encoder)
+        self.failure: GateError | None = None  # raised by manifest(), so the driver sees the reason
+        try:
+            self.index = TrainingIndex.load(Path(index_dir), encoder)
+        except GateError as err:
+            self.failure = err
 
     def manifest(self) -> IndexManifest:
-        """The shard's verified manifest."""
+        """The shard's verified manifest; raises the load error, if any."""
+        if self.failure is not None:
+            raise self.failure
         return self.index.manifest
 
     def search_many(self, embeddings: list[Embedding], voxels: list[str | None], k: int) -> list[Neighbours]:
@@ -164,8 +195,11 @@ class RemoteEncoder:
 class RayIndex:
     """A verified index (sharded or not) served by one :class:`ShardActor` per shard."""
 
-    def __init__(self, sha256: str, calibration: Calibration, actors: list[Any]) -> None:
+    def __init__(
+        self, sha256: str, calibration: Calibration, domain: Domain | None, actors: list[Any]
+    ) -> None:
         self.sha256 = sha256
+        self.domain = domain
         self._calibration = calibration
         self._actors = actors
 
@@ -200,6 +234,7 @@ class RayEngine:
         self._provider: str | None = None
         self._chunks: list[Any] = []
         self._shard_actors: list[Any] = []
+        self._index: RayIndex | None = None
         self.encoder = RemoteEncoder(self, encoder)
         self._read = ray.remote(num_returns=2, max_retries=MAX_RESTARTS)(_read_chunk)
 
@@ -267,16 +302,23 @@ class RayEngine:
         size = self.config.batch_size
         pre = self._driver_encoder.preprocess
         opts_ref = ray.put(options)
-        refs = [self._read.remote(sources[i : i + size], opts_ref, pre) for i in range(0, len(sources), size)]
+        if self._index is None:
+            raise UsageError("open the index before reading: the read tasks check its domain")
+        dom_ref = ray.put(self._index.domain)
+        refs = [
+            self._read.remote(sources[i : i + size], opts_ref, pre, dom_ref)
+            for i in range(0, len(sources), size)
+        ]
         metas = _get([m for m, _ in refs])
         self._chunks = [g for _, g in refs]
         items: list[Item] = []
-        self._voxels: list[str] = []
-        for c, (rows, errs) in enumerate(metas):
+        refused: list[InputError] = []
+        for c, (rows, errs, outside) in enumerate(metas):
             errors.extend(InputError(path, problem) for path, problem in errs)
+            refused.extend(DomainError(path, problem) for path, problem in outside)
             for r, (source, cand_sha, voxel_sha) in enumerate(rows):
                 items.append(Item(source, cand_sha, (c, r, voxel_sha)))
-        return items, errors
+        return items, [*errors, *refused]
 
     def embed(self, items: Sequence[Item]) -> list[Probe]:
         """Embed the grids of the last :meth:`read` on the actor pool (identity pose)."""
@@ -311,7 +353,13 @@ class RayEngine:
         return [p for part in parts for p in part]
 
     def mapper(self, fn: Any, jobs: list[tuple[Any, ...]]) -> list[Any]:
-        """Run shard builds as Ray tasks (one CPU each), results in order."""
+        """Run shard builds as Ray tasks (one CPU each), results in order.
+
+        The embedding actors are stopped first: they hold a CPU each, and the builds need them.
+        """
+        for actor in self._embedders:
+            ray.kill(actor, no_restart=True)
+        self._embedders = []
         task = ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(fn)
         return _get([task.remote(*args) for args in jobs])
 
@@ -335,13 +383,16 @@ class RayEngine:
             from gate.digest import sha256_file
             from gate.shards import SHARDS_FILE
 
-            index = RayIndex(sha256_file(index_dir / SHARDS_FILE), manifest.calibration, actors)
+            index = RayIndex(
+                sha256_file(index_dir / SHARDS_FILE), manifest.calibration, manifest.domain, actors
+            )
         else:
             read_manifest(index_dir)  # a clear error here before any actor starts
             actors = [cls.remote(str(index_dir), identity)]
             (m,) = _get([a.manifest.remote() for a in actors])
-            index = RayIndex(m.index_sha256, m.calibration, actors)
+            index = RayIndex(m.index_sha256, m.calibration, m.domain, actors)
         self._shard_actors.extend(actors)
+        self._index = index
         return index
 
     def close(self) -> None:
