@@ -338,7 +338,7 @@ def _redecide(
             continue
         for source, vol in volumes:
             try:
-                check_in_domain(vol, index.manifest.domain)
+                check_in_domain(vol, index.domain)
             except GateError as err:
                 result.problems.append(str(err).replace(str(source), source.name))
         if result.problems:

@@ -13,8 +13,9 @@ from gate.bundle import read_manifest
 from gate.cli.index import encoder_for_index, encoder_options, load_encoder, read_all
 from gate.cli.options import input_options, read_options
 from gate.digest import sha256_voxels
+from gate.engine import EngineConfig, engine_options, open_engine
 from gate.errors import ExitCode, IntegrityError, UsageError
-from gate.index import DEFAULT_INDEX_DIR, TrainingIndex
+from gate.index import DEFAULT_INDEX_DIR
 from gate.policy import load_policy
 from gate.publication import sample_record_problems, write_reports
 from gate.publication import verify_bundle as run_publication_check
@@ -336,6 +337,7 @@ def _resolve_run(prefix: str, runs: set[str]) -> str:
 @click.option(
     "--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML."
 )
+@engine_options
 def verify_bundle(
     bundle_dir: Path,
     index_dir: Path,
@@ -346,6 +348,11 @@ def verify_bundle(
     no_audit: bool,
     json_path: Path | None,
     junit_path: Path | None,
+    engine: str,
+    ray_address: str | None,
+    workers: int,
+    batch_size: int,
+    num_gpus: float,
 ) -> None:
     """Publication check of a bundle: checksums, no unlisted file, re-decision, audit anchors.
 
@@ -362,9 +369,12 @@ def verify_bundle(
     if audit_log is not None and no_audit:
         raise UsageError("--audit-log and --no-audit exclude each other")
     policy = load_policy(policy_name)
-    encoder = load_encoder(encoder_for_index(encoder_dir, index_dir), device)
-    index = TrainingIndex.load(index_dir, encoder)
-    result = run_publication_check(bundle_dir, policy, index, encoder, audit_log)
+    encoder_dir = encoder_for_index(encoder_dir, index_dir)
+    encoder = load_encoder(encoder_dir, device)
+    config = EngineConfig(engine, ray_address, workers, batch_size, num_gpus, encoder_dir, device)
+    with open_engine(config, encoder) as eng:
+        index = eng.open_index(index_dir)
+        result = run_publication_check(bundle_dir, policy, index, eng.encoder, audit_log)  # type: ignore[arg-type]
     write_reports(result, json_path, junit_path)
     click.echo(
         f"bundle {bundle_dir}: policy {policy.id}, index {index.sha256[:12]}…, encoder {encoder.sha256[:12]}…"
