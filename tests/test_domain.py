@@ -152,3 +152,25 @@ def test_large_candidates_are_refused_by_the_shipped_index(
             == 4
         )
         assert "found 256x256x160 voxels at 1x1x1 mm = 256x256x160 mm" in result.output
+
+
+def test_verify_bundle_refuses_samples_outside_the_index_domain(tmp_path: Path) -> None:
+    from gate.errors import ExitCode
+    from gate.policy import load_policy
+    from gate.publication import verify_bundle
+    from tests.bundle_helpers import build_world
+
+    world = build_world(tmp_path)
+    training = world["training"]
+    policy = load_policy(str(world["release"]))
+    assert verify_bundle(world["good"], policy, training.index, training.encoder, world["log"]).exit_code == 0
+    narrow = measure_domain([_vol((8, 8, 8))])  # the bundle's 16^3 samples are twice as large
+    training.index.manifest = training.index.manifest.model_copy(update={"domain": narrow})
+    report = verify_bundle(world["good"], policy, training.index, training.encoder, world["log"])
+    assert report.exit_code is ExitCode.INPUT
+    assert report.samples and all(s.verdict == "error" for s in report.samples)
+    problems = [p for s in report.samples for p in s.problems]
+    assert all(
+        "outside the index's domain: it covers field of view 8-8 x 8-8 x 8-8 mm" in p for p in problems
+    )
+    assert all(str(world["good"]) not in p for p in problems)

@@ -182,3 +182,27 @@ def test_request_rules(kw: dict[str, int], message: str) -> None:
 
 def test_default_budget_is_four_n() -> None:
     assert GenerateRequest(n=500).budget == 2000
+
+
+def test_candidates_outside_the_index_domain_are_refused(
+    world: tuple[Training, Generator], tmp_path: Path
+) -> None:
+    from gate.domain import measure_domain
+    from gate.errors import DomainError
+    from gate.values import Volume as Vol
+
+    training, generator = world
+    tiny = Vol(np.zeros((4, 4, 4), np.float32), np.eye(4), (1.0, 1.0, 1.0), "mem", "p-0000000000000000")
+    index = type(training.index)(
+        training.index.manifest.model_copy(update={"domain": measure_domain([tiny])}),
+        training.index._graph,
+        training.index.vectors,
+    )
+    request = GenerateRequest(n=2, out_root=tmp_path / "out", batch_size=2)
+    with pytest.raises(
+        DomainError, match="outside the index's domain: it covers field of view 4-4 x 4-4 x 4-4 mm"
+    ):
+        run_generate(request, generator, training.encoder, index, load_policy("permissive"), PROVIDER)
+    assert not list((tmp_path / "out").glob("gate-*"))
+    records = list(AuditLog(tmp_path / "out" / "audit.jsonl").records())
+    assert len(records) == 2 and all("DomainError" in (r.error or "") for r in records)
