@@ -171,7 +171,9 @@ def check(
 def _problem(err: InputError) -> str:
     """The problem of an unreadable input without its path (a file name may carry an identity)."""
     problem = err.problem
-    for name in sorted({err.path, str(Path(err.path).resolve()), Path(err.path).name}, key=len, reverse=True):
+    # realpath, not Path.resolve: it never raises (a symlink loop is just another unreadable input)
+    names = {err.path, os.path.realpath(err.path), os.path.abspath(err.path), Path(err.path).name}
+    for name in sorted(names, key=len, reverse=True):
         if name:
             problem = problem.replace(name, "<input>")
     return f"unreadable input: {problem}"
