@@ -38,6 +38,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 """Command name -> (module, attribute). Modules are imported on first use only."""
 
+TRAIN_MODULES = frozenset({"torch", "monai", "onnx", "onnxscript"})
+"""Top-level modules of the ``gate[train]`` extra: a command that imports one without it installed
+says which extra to install (exit 2) instead of an internal error."""
+
 
 class GateGroup(click.Group):
     """A click group that loads sub-commands lazily and maps errors to exit codes."""
@@ -111,6 +115,14 @@ class GateGroup(click.Group):
             click.echo("gate: interrupted; nothing was exported", err=True)
             ctx.exit(int(ExitCode.INTERNAL))
         except Exception as err:
+            if isinstance(err, ImportError) and (err.name or "").split(".")[0] in TRAIN_MODULES:
+                command = " ".join(filter(None, [ctx.command_path, ctx.invoked_subcommand]))
+                click.echo(
+                    f"gate: error: `{command}` needs {err.name.split('.')[0]}, which the lean install "
+                    "leaves out: pip install torch==2.13.0 && pip install 'gate[cpu,train]'",
+                    err=True,
+                )
+                ctx.exit(int(ExitCode.USAGE))
             logging.getLogger("gate").debug("internal error", exc_info=True)
             click.echo(
                 f"gate: internal error: {type(err).__name__}: {err} (nothing was exported; "
