@@ -62,12 +62,13 @@ def _read(path: Path) -> Dataset:
     except OSError as err:
         if err.errno is not None:
             raise InputError(path, f"cannot read ({err.strerror})") from err
-        raise InputError(path, f"cannot read DICOM: truncated or corrupt file ({err})") from err
+        raise InputError(path, f"cannot read DICOM: truncated or corrupt file ({_short(err)})") from err
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as err:
-        raise InputError(path, f"cannot read DICOM: truncated or corrupt file ({err})") from err
+        raise InputError(path, f"cannot read DICOM: truncated or corrupt file ({_short(err)})") from err
     if not any(k in ds for k in PIXEL_KEYWORDS):
-        what = str(getattr(ds, "SOPClassUID", "")) and f" ({getattr(ds.SOPClassUID, 'name', ds.SOPClassUID)})"
-        raise InputError(path, f"cannot read DICOM: truncated or corrupt file (no PixelData){what}")
+        sop = ds.get("SOPClassUID")
+        what = f"; a {getattr(sop, 'name', sop)} object, not an image" if sop else ""
+        raise InputError(path, f"cannot read DICOM: truncated or corrupt file (no PixelData{what})")
     return ds
 
 
@@ -81,24 +82,38 @@ def _floats(value: Any, n: int, path: Path, keyword: str) -> np.ndarray:
     return out
 
 
+def _number(path: Path, ds: Dataset, keyword: str, default: float, cast: type = float) -> Any:
+    """A numeric header value, or ``default`` when absent or empty; a malformed one is refused."""
+    try:
+        value = ds.get(keyword)
+        return default if value is None or value == "" else cast(value)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise InputError(path, f"DICOM {keyword} is not a number ({_short(err)})") from err
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
 def _check_pixels(path: Path, ds: Dataset, images: int, max_voxels: int | None) -> None:
     """Refuse colour data and volumes above ``max_voxels`` from the header alone."""
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    samples = _number(path, ds, "SamplesPerPixel", 1, int)
     if samples != 1:
         raise InputError(
             path,
             f"colour DICOM ({samples} samples per pixel, {ds.get('PhotometricInterpretation', '?')}); "
             "expected grey-level images",
         )
-    voxels = int(getattr(ds, "Rows", 0) or 0) * int(getattr(ds, "Columns", 0) or 0) * images
+    voxels = _number(path, ds, "Rows", 0, int) * _number(path, ds, "Columns", 0, int) * images
     if max_voxels is not None and voxels > max_voxels:
         raise InputError(
             path, f"volume has {voxels} voxels, more than the limit of {max_voxels} (raise --max-voxels)"
         )
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
-    return float(getattr(ds, "RescaleSlope", 1.0) or 1.0), float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+def _rescale(path: Path, ds: Dataset) -> tuple[float, float]:
+    return _number(path, ds, "RescaleSlope", 1.0), _number(path, ds, "RescaleIntercept", 0.0)
 
 
 def read_dicom_series(
@@ -135,7 +150,7 @@ def read_dicom_series(
         raise InputError(folder, f"DICOM folder mixes {len(uids)} series: {', '.join(uids)}")
     if len(datasets) == 1:
         return read_dicom_file(datasets[0][0], max_voxels, datasets[0][1])
-    multi = [f for f, ds in datasets if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1]
+    multi = [f for f, ds in datasets if _number(f, ds, "NumberOfFrames", 1, int) > 1]
     if multi:
         raise InputError(
             multi[0], "a multi-frame DICOM file inside a series folder; give the file on its own"
@@ -152,7 +167,7 @@ def read_dicom_series(
                 _floats(ds.ImagePositionPatient, 3, f, "ImagePositionPatient"),
                 _floats(ds.ImageOrientationPatient, 6, f, "ImageOrientationPatient"),
                 (float(spacing[0]), float(spacing[1])),
-                *_rescale(ds),
+                *_rescale(f, ds),
                 f,
                 None,
             )
@@ -183,8 +198,8 @@ def read_dicom_file(
 
     """
     ds = _read(path) if ds is None else ds
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    frames = _number(path, ds, "NumberOfFrames", 1, int)
+    rows, cols = _number(path, ds, "Rows", 0, int), _number(path, ds, "Columns", 0, int)
     if frames <= 1:
         raise InputError(
             path, f"a single 2D DICOM image ({rows}x{cols}), not a 3D volume; give the folder of its series"
@@ -246,7 +261,7 @@ def _frame_planes(path: Path, ds: Dataset, frames: int) -> list[_Plane]:
             slope = find("PixelValueTransformationSequence", "RescaleSlope")
             intercept = find("PixelValueTransformationSequence", "RescaleIntercept")
             if slope is None and intercept is None:
-                slope, intercept = _rescale(ds)
+                slope, intercept = _rescale(path, ds)
             ps = _floats(spacing, 2, path, "PixelSpacing")
             planes.append(
                 _Plane(
@@ -267,7 +282,7 @@ def _frame_planes(path: Path, ds: Dataset, frames: int) -> list[_Plane]:
         offsets = _floats(ds.GridFrameOffsetVector, frames, path, "GridFrameOffsetVector")
         normal = np.cross(orientation[:3], orientation[3:])
         ps = _floats(ds.PixelSpacing, 2, path, "PixelSpacing")
-        slope = float(getattr(ds, "DoseGridScaling", 1.0) or 1.0)
+        slope = _number(path, ds, "DoseGridScaling", 1.0)
         return [
             _Plane(position + o * normal, orientation, (float(ps[0]), float(ps[1])), slope, 0.0, path, i)
             for i, o in enumerate(offsets)
