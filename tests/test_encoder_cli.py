@@ -86,3 +86,60 @@ def test_train_augment_overrides(tmp_path: Path) -> None:
     )
     r = runner.invoke(main, [*base, "--out", str(tmp_path / "d"), "--augment", "rotate_deg"])
     assert r.exit_code == 2 and "--augment expects FIELD=VALUE; got 'rotate_deg'" in r.output
+
+
+def test_chosen_preprocessing_travels_with_encoder_and_index(tmp_path: Path) -> None:
+    from gate.index_manifest import read_manifest
+    from gate.preprocess import PreprocessConfig
+
+    data = _npy_folder(tmp_path / "data", 4, seed=1)
+    key = ["--id-key-file", str(tmp_path / "key")]
+    runner = CliRunner()
+    chosen = ["--grid", "16", "16", "16", "--fov", "fit", "--percentile-region", "foreground"]
+    ck, out, idx = tmp_path / "ck", tmp_path / "model", tmp_path / "idx"
+    r = runner.invoke(
+        main,
+        [
+            "encoder",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(ck),
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            *chosen,
+            *key,
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        main, ["encoder", "export", "--checkpoint", str(ck), "--data", str(data), "--out", str(out), *key]
+    )
+    assert r.exit_code == 0, r.output
+    expected = PreprocessConfig(grid=(16, 16, 16), fov="fit", percentile_region="foreground")
+    enc = Encoder(out, device="cpu")
+    assert enc.preprocess == expected and enc.manifest.preprocess_digest == expected.digest
+    assert expected.digest != PreprocessConfig(grid=(16, 16, 16)).digest
+    r = runner.invoke(
+        main,
+        [
+            "index",
+            "build",
+            "--data",
+            str(data),
+            "--encoder",
+            str(out),
+            "--out",
+            str(idx),
+            "--poses",
+            "none",
+            *key,
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    manifest = read_manifest(idx)
+    assert manifest.preprocess_digest == expected.digest and manifest.domain is not None
+    assert manifest.domain.grid == (16, 16, 16) and manifest.domain.fov_mm_max == (16.0, 16.0, 16.0)
