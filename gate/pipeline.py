@@ -344,7 +344,7 @@ def run_generate(
     if passed:
         t = time.perf_counter()
         provenance = Provenance(
-            generator_name=GENERATOR_NAME,
+            generator_name=getattr(generator, "name", GENERATOR_NAME),
             generator_sha256=generator.sha256,
             encoder_sha256=encoder.sha256,
             index_sha256=index.sha256,

@@ -47,6 +47,30 @@ def ldm() -> None:
     """Train the MONAI 3D latent diffusion generator."""
 
 
+@ldm.command("export-bundle")
+@click.option(
+    "--generator",
+    "generator_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="gate LDM folder (default: the shipped one).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="New MONAI bundle folder (never overwritten).",
+)
+def export_bundle_command(generator_dir: Path | None, out_dir: Path) -> None:
+    """Write a gate LDM as a MONAI bundle (configs/inference.json + models/*.pt) for --generator."""
+    from gate.generator.monai_bundle import bundle_digest, export_bundle
+    from gate.generator.sample import DEFAULT_GENERATOR_DIR
+
+    out = export_bundle(generator_dir or DEFAULT_GENERATOR_DIR, out_dir)
+    click.echo(f"MONAI bundle {bundle_digest(out)[:12]} in {out}")
+
+
 @ldm.command("train")
 @click.option(
     "--data",
@@ -242,7 +266,8 @@ def train_command(
     "generator_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Generator folder (default: the shipped one).",
+    help="Generator folder: a gate LDM, a MONAI bundle (configs/inference.json + models/*.pt), or "
+    "any format a gate.generators plug-in accepts (default: the shipped LDM).",
 )
 @click.option(
     "--encoder",
@@ -299,7 +324,8 @@ def generate(
     """
     from gate.cli.index import encoder_for_index, load_encoder
     from gate.exporters import EXPORTERS
-    from gate.generator.sample import DEFAULT_GENERATOR_DIR, Generator
+    from gate.generator.plugins import load_generator
+    from gate.generator.sample import DEFAULT_GENERATOR_DIR
     from gate.index import DEFAULT_INDEX_DIR, TrainingIndex
     from gate.pipeline import GenerateRequest, Progress, run_generate
     from gate.policy import load_policy
@@ -326,7 +352,7 @@ def generate(
     )
     t0 = time.perf_counter()
     policy = load_policy(policy_name)
-    generator = Generator(generator_dir or DEFAULT_GENERATOR_DIR, device=device)  # type: ignore[arg-type]
+    generator = load_generator(generator_dir or DEFAULT_GENERATOR_DIR, device=device)
     index_dir = index_dir or DEFAULT_INDEX_DIR
     encoder = load_encoder(encoder_for_index(encoder_dir, index_dir), device)
     index = TrainingIndex.load(index_dir, encoder)

@@ -52,6 +52,14 @@ class Generator:
 
     """
 
+    name = "MONAI 3D latent diffusion (AutoencoderKL + DiffusionModelUNet, DDIM)"
+    """Recorded in bundles (the ``ldm`` plug-in)."""
+
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        """A gate LDM folder: ``generator.json`` beside ``weights.npz`` (the ``ldm`` plug-in)."""
+        return (path / "generator.json").is_file() and (path / WEIGHTS_NAME).is_file()
+
     def __init__(self, model_dir: Path = DEFAULT_GENERATOR_DIR, device: Device = "auto") -> None:
         """Verify and load a model directory.
 
