@@ -318,3 +318,22 @@ def test_every_library_test_file_is_read_or_refused_in_one_line(read_opts: ReadO
         assert (
             "a CIFTI-2 file (surface / grayordinate data), not a 3D volume" in refused["row_major.dconn.nii"]
         )
+
+
+def test_oblique_gapped_series_matches_simpleitk(tmp_path: Path, read_opts: ReadOptions) -> None:
+    sitk = pytest.importorskip("SimpleITK")
+    rot = _rotation(25.0, 0) @ _rotation(10.0, 1)
+    stack = np.random.default_rng(4).integers(0, 4000, size=(5, 9, 11))
+    write_series(
+        tmp_path, stack, pixel_spacing=(0.43, 0.47), step=6.5, thickness=5.0, rotation=rot, slopes=[2.0] * 5
+    )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
+    image = reader.Execute()
+    (vol,) = read_volumes(tmp_path, read_opts)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    sitk_lps = np.eye(4)
+    sitk_lps[:3, :3] = direction * np.asarray(image.GetSpacing())
+    sitk_lps[:3, 3] = image.GetOrigin()
+    np.testing.assert_allclose(vol.affine, LPS_TO_RAS @ sitk_lps, atol=1e-4)
+    np.testing.assert_allclose(vol.data, np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)))
