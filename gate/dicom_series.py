@@ -16,6 +16,8 @@ A single 2D image is not a volume: one slice, or one frame, is refused.
 from __future__ import annotations
 
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,9 +138,19 @@ def read_dicom_series(
 
     """
     try:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     except OSError as err:
         raise InputError(folder, f"cannot list folder ({err.strerror})") from err
+    files = []
+    for p in entries:  # every entry but a subfolder (walked on its own) is a slice or an error
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as err:
+            raise InputError(p, f"cannot open ({err.strerror or type(err).__name__})") from err
+        if stat.S_ISREG(mode):
+            files.append(p)
+        elif not stat.S_ISDIR(mode):
+            raise InputError(p, "not a regular file (a device, FIFO or socket) in a DICOM folder")
     datasets = [(f, _read(f)) for f in files]
     if not datasets:
         raise InputError(folder, "DICOM folder holds no file")

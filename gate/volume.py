@@ -144,11 +144,11 @@ def _walk(folder: Path, seen: frozenset[tuple[int, int]]) -> Iterator[Path]:
     files = [p for p in entries if not stat.S_ISDIR(modes[p])]
     regular = [p for p in files if stat.S_ISREG(modes[p])]
     if any(_suffix(p) in (".dcm", ".dicom", ".ima") or _is_dicom_file(p) for p in regular):
-        yield folder
-        return
-    # Every other entry is a source, even an unsupported, unreadable or dangling one:
-    # read_volumes rejects it by name, so nothing in a folder is skipped silently.
-    yield from files
+        yield folder  # one series: its files are read (or refused) together; subfolders below
+    else:
+        # Every other entry is a source, even an unsupported, unreadable or dangling one:
+        # read_volumes rejects it by name, so nothing in a folder is skipped silently.
+        yield from files
     for p in entries:
         if stat.S_ISDIR(modes[p]):
             yield from _walk(p, seen)

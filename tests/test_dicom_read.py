@@ -8,6 +8,7 @@ which gate's RAS affine must reproduce for every slice.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -337,3 +338,25 @@ def test_oblique_gapped_series_matches_simpleitk(tmp_path: Path, read_opts: Read
     sitk_lps[:3, 3] = image.GetOrigin()
     np.testing.assert_allclose(vol.affine, LPS_TO_RAS @ sitk_lps, atol=1e-4)
     np.testing.assert_allclose(vol.data, np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)))
+
+
+def test_dicom_folder_subfolders_are_walked_not_skipped(tmp_path: Path) -> None:
+    write_series(tmp_path, np.ones((3, 4, 4)) * np.arange(4))
+    (tmp_path / "more").mkdir()
+    write_series(tmp_path / "more", np.ones((3, 4, 4)) * np.arange(4))
+    assert discover([tmp_path]) == [tmp_path, tmp_path / "more"]
+
+
+def test_dicom_folder_with_a_symlink_loop_or_fifo_refused(tmp_path: Path, read_opts: ReadOptions) -> None:
+    write_series(tmp_path, np.ones((3, 4, 4)) * np.arange(4))
+    loop = tmp_path / "zz.dcm"
+    loop.symlink_to(loop)
+    with pytest.raises(
+        InputError, match=re.escape(f"{loop}: cannot open (Too many levels of symbolic links)")
+    ):
+        read_volumes(tmp_path, read_opts)
+    loop.unlink()
+    fifo = tmp_path / "zz.dcm"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match=re.escape(f"{fifo}: not a regular file (a device, FIFO or socket)")):
+        read_volumes(tmp_path, read_opts)
