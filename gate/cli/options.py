@@ -42,7 +42,8 @@ def input_options(func: F) -> F:
             type=click.IntRange(min=1),
             default=DEFAULT_MAX_VOXELS,
             show_default=True,
-            help="Refuse volumes with more voxels than this.",
+            help="Refuse volumes (and .npz archives, all arrays together) with more voxels than "
+            "this, from the file's header before any voxel is read or inflated.",
         ),
     ]
     for option in reversed(options):
