@@ -242,3 +242,24 @@ def test_reads_real_hippocampus(hippocampus_dir: Path, read_opts: ReadOptions) -
     assert all(v.spacing == (1.0, 1.0, 1.0) for v in vols)
     assert all(24 <= min(v.shape) and max(v.shape) <= 59 for v in vols)
     _ = pydicom  # pydicom is exercised by the DICOM tests above
+
+
+@pytest.mark.parametrize("klass", ["Nifti1Image", "Nifti2Image"])
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_nifti_1_and_2_either_byte_order(
+    tmp_path: Path, read_opts: ReadOptions, klass: str, order: str
+) -> None:
+    import nibabel as nib
+
+    data = make_blob()
+    affine = np.diag([0.8, 1.2, 3.0, 1.0])
+    cls = getattr(nib, klass)
+    img = cls(data, affine, header=cls.header_class(endianness=order))
+    img.header.set_slope_inter(2.0, -5.0)
+    path = tmp_path / f"{klass}{'be' if order == '>' else 'le'}.nii.gz"
+    nib.save(img, path)
+    size = 348 if klass == "Nifti1Image" else 540
+    assert gzip.decompress(path.read_bytes())[:4] == size.to_bytes(4, "little" if order == "<" else "big")
+    (vol,) = read_volumes(path, read_opts)
+    np.testing.assert_allclose(vol.data, data * 2.0 - 5.0, rtol=1e-5)
+    assert vol.spacing == pytest.approx((0.8, 1.2, 3.0))
