@@ -360,3 +360,41 @@ def test_dicom_folder_with_a_symlink_loop_or_fifo_refused(tmp_path: Path, read_o
     os.mkfifo(fifo)
     with pytest.raises(InputError, match=re.escape(f"{fifo}: not a regular file (a device, FIFO or socket)")):
         read_volumes(tmp_path, read_opts)
+
+
+def test_series_over_the_voxel_limit_refused_from_headers(tmp_path: Path, pseudonymizer: object) -> None:
+    write_series(tmp_path, np.ones((4, 8, 8)) * np.arange(8))
+    opts = ReadOptions(pseudonymizer=pseudonymizer, max_voxels=200)  # type: ignore[arg-type]
+    with pytest.raises(
+        InputError,
+        match=re.escape(
+            f"{tmp_path}: volume has 256 voxels, more than the limit of 200 (raise --max-voxels)"
+        ),
+    ):
+        read_volumes(tmp_path, opts)
+
+
+def test_enhanced_over_the_voxel_limit_refused_from_header(tmp_path: Path, pseudonymizer: object) -> None:
+    path = tmp_path / "big.dcm"
+    _enhanced(path, np.ones((3, 8, 8)) * np.arange(8), [0, 1, 2], np.eye(3), step=1.0)
+    opts = ReadOptions(pseudonymizer=pseudonymizer, max_voxels=100)  # type: ignore[arg-type]
+    with pytest.raises(
+        InputError, match=re.escape(f"{path}: volume has 192 voxels, more than the limit of 100")
+    ):
+        read_volumes(path, opts)
+
+
+def test_gantry_tilt_keeps_the_measured_step(tmp_path: Path, read_opts: ReadOptions) -> None:
+    stack = np.random.default_rng(5).integers(0, 4000, size=(4, 5, 6))
+    uid = generate_uid()
+    for z in range(4):  # each slice moves 3 mm along z and 1 mm along y: a tilted stack
+        path = tmp_path / f"{z}.dcm"
+        ds = _base(path, MRImageStorage, 5, 6)
+        ds.SeriesInstanceUID = uid
+        ds.ImagePositionPatient = [0.0, 1.0 * z, 3.0 * z]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.PixelData = stack[z].astype(np.uint16).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    (vol,) = read_volumes(tmp_path, read_opts)
+    np.testing.assert_allclose(vol.affine[:3, 2], LPS_TO_RAS[:3, :3] @ [0.0, 1.0, 3.0])
