@@ -38,7 +38,7 @@ from gate.report import quarantine_candidate
 from gate.values import Decision, Grade, Verdict, Volume
 
 if TYPE_CHECKING:
-    from gate.generator.sample import Generator
+    from gate.generator.plugins import CandidateGenerator as Generator
     from gate.index import EmbeddingModel
 
 log = logging.getLogger(__name__)

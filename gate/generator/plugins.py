@@ -28,9 +28,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gate.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from gate.preprocess import PreprocessConfig
+    from gate.values import Volume
 
 ENTRY_POINT_GROUP = "gate.generators"
 """The entry-point group generator plug-ins register under."""
@@ -41,6 +47,22 @@ BUILTIN: dict[str, str] = {
 }
 """gate's own generators (also registered as entry points; listed here so a source checkout that
 was never pip-installed finds them too). They come first and cannot be replaced by a plug-in."""
+
+
+class CandidateGenerator(Protocol):
+    """What :func:`gate.pipeline.run_generate` needs of a loaded generator (any plug-in)."""
+
+    name: str
+    sha256: str
+    preprocess: PreprocessConfig
+
+    def sample(self, seed: int, start: int, count: int, ddim_steps: int | None = None) -> np.ndarray:
+        """float32 (count, 1, X, Y, Z) in [0, 1]; sample ``i`` reproducible from ``(seed, i)``."""
+        ...
+
+    def volumes(self, array: np.ndarray, seed: int, start: int) -> list[Volume]:
+        """Wrap :meth:`sample` output as volumes on the preprocess grid."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,7 @@ def plugins() -> list[Plugin]:
     return found + [Plugin(name, extra[name]) for name in sorted(extra)]
 
 
-def load_generator(path: Path, device: str = "auto") -> Any:
+def load_generator(path: Path, device: str = "auto") -> CandidateGenerator:
     """Load the generator in folder ``path`` with the first plug-in that accepts it.
 
     Args:
