@@ -224,10 +224,10 @@ def test_enhanced_single_frame_is_not_a_volume(tmp_path: Path, read_opts: ReadOp
 
 
 def _testdata(name: str) -> Path:
-    try:
-        return Path(pydicom.data.get_testdata_file(name, download=False))
-    except (TypeError, ValueError, OSError):
-        pytest.skip(f"pydicom test file {name} not installed")
+    found = [p for p in _library_files() if p.name == name]
+    if not found:
+        pytest.skip(f"pydicom test file {name} not installed (pydicom-data holds it)")
+    return found[0]
 
 
 @pytest.mark.parametrize(
@@ -287,12 +287,18 @@ def test_rt_dose_grid_placed_by_frame_offsets(read_opts: ReadOptions) -> None:
 
 
 def _library_files() -> list[Path]:
-    files = [Path(f) for f in pydicom.data.get_testdata_files()]
+    """Every file of pydicom's bundled test data, of pydicom-data's (if installed) and of nibabel's
+    test-data folders, found on disk (``get_testdata_files`` would try to download the rest)."""
+    folders = [Path(pydicom.data.__file__).parent / "test_files"]
+    try:
+        import data_store  # pydicom-data's package
+
+        folders.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
     root = Path(nibabel.__file__).parent
-    for folder in sorted(root.rglob("data")):
-        if folder.is_dir() and "tests" in folder.parts:
-            files.extend(sorted(p for p in folder.rglob("*") if p.is_file()))
-    return files
+    folders.extend(sorted(d for d in root.rglob("data") if d.is_dir() and "tests" in d.parts))
+    return [p for d in folders if d.is_dir() for p in sorted(d.rglob("*")) if p.is_file()]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
