@@ -404,3 +404,20 @@ def test_gantry_tilt_keeps_the_measured_step(tmp_path: Path, read_opts: ReadOpti
         ds.save_as(path, enforce_file_format=True)
     (vol,) = read_volumes(tmp_path, read_opts)
     np.testing.assert_allclose(vol.affine[:3, 2], LPS_TO_RAS[:3, :3] @ [0.0, 1.0, 3.0])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gate_inspect_over_every_library_test_file_is_never_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from gate.cli import main
+
+    files = _library_files()
+    if not files:
+        pytest.skip("neither pydicom's nor nibabel's test data is installed")
+    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    result = CliRunner().invoke(main, ["inspect", *map(str, files)])
+    assert result.exit_code == 3, result.output  # some are refused (exit 3), none is exit 4
+    assert "internal error" not in result.output
