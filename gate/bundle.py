@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gate import __version__
+from gate import __version__, bundle_schema
 from gate.audit import AuditLog, AuditRecord
 from gate.datacard import TRAINING_DATA_NOTICE, data_card
 from gate.digest import sha256_file, sha256_voxels
@@ -62,9 +62,9 @@ log = logging.getLogger(__name__)
 BUNDLE_FORMAT_VERSION = 1
 """The manifest layout this code writes and reads."""
 
-MANIFEST_FILE = "manifest.json"
-DATA_CARD_FILE = "DATA_CARD.md"
-SAMPLES_DIR = "samples"
+MANIFEST_FILE = bundle_schema.MANIFEST_FILE
+DATA_CARD_FILE = bundle_schema.DATA_CARD_FILE
+SAMPLES_DIR = bundle_schema.SAMPLES_DIR
 
 LIBRARIES = (
     "numpy",
@@ -538,29 +538,59 @@ def read_manifest(bundle_dir: Path) -> BundleManifest:
 
 
 def check_files(bundle_dir: Path, manifest: BundleManifest) -> list[str]:
-    """Compare the bundle's files with the manifest.
+    """Compare the bundle's files with the manifest and with :mod:`gate.bundle_schema`.
+
+    Sizes are compared (``lstat``) before anything is hashed; only regular files at the
+    schema's paths, each owned by a manifest sample or a bundle document, are accepted.
 
     Returns:
-        One line per problem: a listed file missing or with another sha256, an unlisted file,
-        a sample file not listed among the files. Empty when everything matches.
+        One line per problem. Empty when everything matches.
 
     """
     root = Path(bundle_dir)
-    listed = {f.path: f for f in manifest.files}
     problems = []
-    for rel, entry in listed.items():
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"{rel}: listed in the manifest but missing")
-        elif sha256_file(path) != entry.sha256:
-            problems.append(f"{rel}: sha256 differs from the manifest (file was modified)")
-    for rel in list_files(root):
-        if rel != MANIFEST_FILE and rel not in listed:
-            problems.append(f"{rel}: not listed in the manifest (unlisted file)")
+    if bundle_schema.is_partial(root):
+        problems.append(f"{root.name}: a partial folder left by gate generate, never a bundle")
+    on_disk, walk_problems = bundle_schema.walk(root)
+    problems += walk_problems
+    listed: dict[str, FileEntry] = {}
+    for f in manifest.files:
+        why = bundle_schema.path_problem(f.path)
+        if why:
+            problems.append(f"{f.path!r}: manifest path {why}; refused")
+        elif f.path in listed:
+            problems.append(f"{f.path}: listed twice in the manifest")
+        else:
+            listed[f.path] = f
+    owned: dict[str, str] = {}
     for sample in manifest.samples:
         for rel in sample.files:
-            if rel not in listed and not any(f.startswith(rel + "/") for f in listed):
+            why = bundle_schema.path_problem(rel)
+            if why:
+                problems.append(f"{rel!r}: sample {sample.sample_id} path {why}; refused")
+                continue
+            owner = bundle_schema.sample_file_owner(rel)
+            if owner is None or owner[0] != sample.sample_id:
+                problems.append(
+                    f"{rel}: not a file name gate's exporters write for sample {sample.sample_id}"
+                )
+            owned[rel] = sample.sample_id
+            if rel not in listed:
                 problems.append(f"{rel}: sample {sample.sample_id} file not in the manifest's file list")
+    for rel, entry in listed.items():
+        st = on_disk.get(rel)
+        if rel not in owned and rel not in bundle_schema.DOCUMENTS:
+            problems.append(f"{rel}: owned by no sample and not a bundle document (foreign file)")
+        if st is None:
+            if rel not in {p.split(":")[0] for p in walk_problems}:
+                problems.append(f"{rel}: listed in the manifest but missing")
+        elif st.st_size != entry.bytes:
+            problems.append(f"{rel}: {st.st_size} bytes, the manifest says {entry.bytes} (file was modified)")
+        elif sha256_file(root / rel) != entry.sha256:
+            problems.append(f"{rel}: sha256 differs from the manifest (file was modified)")
+    for rel in on_disk:
+        if rel not in bundle_schema.UNLISTED and rel not in listed:
+            problems.append(f"{rel}: not listed in the manifest (unlisted file)")
     return problems
 
 
