@@ -229,7 +229,13 @@ class RayEngine:
         self._driver_encoder = encoder
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            try:
+                ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError) as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise UsageError(
+                    f"--ray-address {config.ray_address}: cannot start or join Ray ({first})"
+                ) from err
         self._embedders: list[Any] = []
         self._provider: str | None = None
         self._chunks: list[Any] = []
