@@ -300,3 +300,93 @@ def validate_dataset(ds: Dataset) -> None:
     expected = int(ds.Rows) * int(ds.Columns) * 2
     if len(ds.PixelData) != expected:
         raise ValueError(f"DICOM pixel data is {len(ds.PixelData)} bytes; expected {expected}")
+
+
+FIXED_VALUES: dict[str, str] = {
+    "ImageType": "['DERIVED', 'SECONDARY', 'OTHER']",
+    "SOPClassUID": str(MRImageStorage),
+    "AccessionNumber": "",
+    "Modality": "MR",
+    "Manufacturer": MANUFACTURER,
+    "ReferringPhysicianName": "",
+    "StudyDescription": "synthetic image",
+    "ManufacturerModelName": "gate privacy gate",
+    "PatientBirthDate": "",
+    "PatientSex": "",
+    "PatientIdentityRemoved": "YES",
+    "DeidentificationMethod": DEIDENTIFICATION_METHOD,
+    "SyntheticData": "YES",
+    "ScanningSequence": "RM",
+    "SequenceVariant": "NONE",
+    "ScanOptions": "",
+    "MRAcquisitionType": "3D",
+    "StudyID": "1",
+    "SeriesNumber": "1",
+    "Laterality": "",
+    "PatientPosition": "",
+    "PositionReferenceIndicator": "",
+    "SamplesPerPixel": "1",
+    "PhotometricInterpretation": "MONOCHROME2",
+    "BitsAllocated": "16",
+    "BitsStored": "16",
+    "HighBit": "15",
+    "PixelRepresentation": "0",
+    "RescaleType": "US",
+    "CodeValue": str(SYNTHESIZING_EQUIPMENT.value),
+    "CodingSchemeDesignator": str(SYNTHESIZING_EQUIPMENT.scheme_designator),
+    "CodeMeaning": str(SYNTHESIZING_EQUIPMENT.meaning),
+}
+"""Attributes whose value gate's exporter always writes the same (publication check: exact)."""
+
+
+def slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
+    """Is this file exactly what :func:`build_series` + ``save_as`` write for ``sample_id``?
+
+    Checks, one line per problem: the file re-encodes to the same bytes (no trailing data, no
+    preamble payload, no re-encoding), no private tag, only :data:`WRITTEN_KEYWORDS`, the
+    synthetic identity of ``sample_id``, :data:`FIXED_VALUES`, the contribution description of
+    ``policy_id``, pixel data of Rows x Columns x 2 bytes.
+
+    """
+    import io
+
+    name = path.name
+    try:
+        raw = path.read_bytes()
+        ds = pydicom.dcmread(io.BytesIO(raw))
+    except Exception as err:
+        return [f"{name}: not a DICOM file gate's exporter writes ({type(err).__name__})"]
+    problems = []
+    private = [str(e.tag) for e in ds.iterall() if e.tag.is_private]
+    if private:
+        problems.append(f"{name}: private tag(s) {', '.join(private[:3])} (gate writes none)")
+    extra = sorted({e.keyword or str(e.tag) for e in ds.iterall()} - WRITTEN_KEYWORDS)
+    if extra and not private:
+        problems.append(f"{name}: attributes gate's exporter does not write: {', '.join(extra[:5])}")
+    expected = {
+        "PatientName": f"Synthetic^{sample_id}",
+        "PatientID": f"SYN-{sample_id}",
+        "SeriesDescription": f"synthetic sample {sample_id}"[:64],
+        "ContributionDescription": (f"synthesized by a generative model; passed gate policy {policy_id}")[
+            :64
+        ],
+        **FIXED_VALUES,
+    }
+    for elem in ds.iterall():
+        want = expected.get(elem.keyword)
+        if want is not None and str(elem.value) != want:
+            problems.append(f"{name}: {elem.keyword} is {str(elem.value)[:40]!r}, gate writes {want!r}")
+    if "PixelData" in ds and "Rows" in ds and "Columns" in ds:
+        if len(ds.PixelData) != int(ds.Rows) * int(ds.Columns) * 2:
+            problems.append(f"{name}: pixel data is not Rows x Columns x 2 bytes")
+    if ds.preamble not in (None, bytes(128)):
+        problems.append(f"{name}: non-zero 128-byte preamble (gate writes zeros)")
+    if not problems:
+        out = io.BytesIO()
+        try:
+            ds.save_as(out, enforce_file_format=True)
+        except Exception as err:
+            return [f"{name}: does not re-encode ({type(err).__name__})"]
+        if out.getvalue() != raw:
+            problems.append(f"{name}: bytes differ from gate's encoding of its own attributes (hidden data)")
+    return problems

@@ -55,6 +55,7 @@ from gate.errors import IntegrityError, UsageError
 from gate.exporters import EXPORTERS
 from gate.exporters.base import PUBLISHED_DIR_MODE, ExportRefusedError
 from gate.policy import LoadedPolicy, Policy
+from gate.signing import SigningKey
 from gate.values import Decision, Grade, Verdict, Volume
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class Provenance:
         policy: the policy every sample passed.
         formats: exporter names (keys of ``gate.exporters.EXPORTERS``).
         training_data: licence and credit of the training data.
+        signer: the site key that signs ``manifest.json`` (``manifest.sig``); None: unsigned.
 
     """
 
@@ -220,6 +222,7 @@ class Provenance:
     policy: LoadedPolicy
     formats: tuple[str, ...] = ("nifti",)
     training_data: str = TRAINING_DATA_NOTICE
+    signer: SigningKey | None = None
 
 
 @dataclass(frozen=True)
@@ -425,6 +428,8 @@ class BundleWriter:
             )
             text = json.dumps(manifest.model_dump(mode="json"), indent=1) + "\n"
             (self.tmp / MANIFEST_FILE).write_text(text)
+            if p.signer is not None:
+                (self.tmp / bundle_schema.SIGNATURE_FILE).write_bytes(p.signer.sign(text.encode("utf-8")))
             _fsync_tree(self.tmp)
             if self.out_dir.exists():
                 raise UsageError(f"{self.out_dir}: appeared while the bundle was built; not overwritten")

@@ -3,7 +3,7 @@
 A finished bundle holds exactly:
 
 - ``manifest.json`` and, when signed, ``manifest.sig`` (the bundle's own documents);
-- ``DATA_CARD.md`` (a document, listed in the manifest);
+- ``DATA_CARD.md`` and ``memorization.json`` (documents, listed in the manifest);
 - per sample and format the paths the exporters name: ``samples/<id>.nii.gz`` (NIfTI) and
   ``samples/<id>_dicom/slice_<nnnn>.dcm`` (DICOM series).
 
@@ -24,10 +24,14 @@ MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 DATA_CARD_FILE = "DATA_CARD.md"
 SAMPLES_DIR = "samples"
-DOCUMENTS = (DATA_CARD_FILE,)
+MEMORIZATION_FILE = "memorization.json"
+DOCUMENTS = (DATA_CARD_FILE, MEMORIZATION_FILE)
 """Files the manifest lists that belong to no sample."""
 UNLISTED = (MANIFEST_FILE, SIGNATURE_FILE)
 """Files a bundle may hold that the manifest does not list (it cannot list itself)."""
+
+UNEXPORTED_ID_RE = re.compile(r"^c[0-9]{6}$")
+"""The audit name of a candidate the pipeline did not export (``gate.pipeline.candidate_id``)."""
 
 PARTIAL_RE = re.compile(r"^\.[^/]*\.partial-[^/]*$")
 """The name of a folder :class:`gate.bundle.BundleWriter` builds in (``.<name>.partial-XXXX``)."""
@@ -105,30 +109,31 @@ def walk(root: Path) -> tuple[dict[str, os.stat_result], list[str]]:
     return files, problems
 
 
-def nifti_stream_problems(path: Path, n_voxels_bytes: int | None = None) -> list[str]:
-    """Structure of a gate NIfTI: one gzip member, a 352-byte header, no extension, no trailing bytes.
-
-    Args:
-        path: a ``.nii.gz`` file.
-        n_voxels_bytes: expected voxel bytes (float32 x voxels); None reads it from the header.
-
-    """
+def gzip_body(path: Path, max_bytes: int = 2**31) -> tuple[bytes | None, list[str]]:
+    """Inflate a single-member gzip file, at most ``max_bytes``; problems if not exactly one member."""
     name = path.name
     try:
         raw = path.read_bytes()
     except OSError as err:
-        return [f"{name}: unreadable ({err.strerror})"]
+        return None, [f"{name}: unreadable ({err.strerror})"]
     d = zlib.decompressobj(wbits=31)
     try:
-        body = d.decompress(raw)
-        body += d.flush()
+        body = d.decompress(raw, max_bytes)
     except zlib.error:
-        return [f"{name}: not a single valid gzip stream"]
+        return None, [f"{name}: not a single valid gzip stream"]
+    if d.unconsumed_tail:
+        return None, [f"{name}: inflates to more than {max_bytes} bytes"]
     if not d.eof:
-        return [f"{name}: truncated gzip stream"]
-    problems = []
+        return None, [f"{name}: truncated gzip stream"]
     if d.unused_data:
-        problems.append(f"{name}: {len(d.unused_data)} byte(s) after the gzip stream (trailing data)")
+        return body, [f"{name}: {len(d.unused_data)} byte(s) after the gzip stream (trailing data)"]
+    return body, []
+
+
+def nifti_body_problems(name: str, body: bytes) -> list[str]:
+    """Structure of an inflated gate NIfTI: a 352-byte header, no extension, voxels, nothing more."""
+    problems: list[str] = []
+    n_voxels_bytes = None
     if len(body) < NIFTI_HEADER_BYTES:
         return [*problems, f"{name}: shorter than a NIfTI-1 header"]
     import numpy as np
@@ -164,8 +169,9 @@ __all__ = [
     "SAMPLES_DIR",
     "SIGNATURE_FILE",
     "UNLISTED",
+    "gzip_body",
     "is_partial",
-    "nifti_stream_problems",
+    "nifti_body_problems",
     "path_problem",
     "sample_file_owner",
     "walk",

@@ -19,6 +19,7 @@ else 2 for a policy looser than the recorded one, else 1 when a sample is not a 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -28,16 +29,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gate import __version__
+import nibabel as nib
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gate import __version__, bundle_schema
 from gate.audit import AuditLog, verify_log
 from gate.bundle import BundleManifest, check_files, read_manifest
 from gate.decide import decide
 from gate.digest import sha256_voxels
 from gate.domain import check_in_domain
 from gate.errors import ExitCode, GateError, IntegrityError
+from gate.exporters.dicom import slice_problems
+from gate.exporters.nifti import canonical_bytes
 from gate.identity import Pseudonymizer
 from gate.index import EmbeddingModel, TrainingIndex, embed_volumes
 from gate.policy import LoadedPolicy, at_least_as_strict
+from gate.signing import signature_problem
 from gate.values import VERDICT_SEVERITY, Volume
 from gate.volume import ReadOptions, read_volumes
 
@@ -48,8 +56,11 @@ pseudonymisation key, and a fixed one keeps the check reproducible."""
 EXACT_NOTE = ", exact copy of a training volume"
 """Appended to a sample's failure when its voxels hash equal to a training volume's."""
 
-CHECK_NAMES = ("manifest", "files", "policy", "audit")
+CHECK_NAMES = ("manifest", "signature", "files", "digests", "policy", "audit")
 """Bundle-level checks, in the order they are reported."""
+
+INTEGRITY_CHECKS = frozenset({"manifest", "signature", "files", "digests", "audit"})
+"""A failure of any of these is exit 3, whatever the samples' verdicts."""
 
 
 @dataclass
@@ -83,6 +94,7 @@ class SampleResult:
         grade: its grade.
         exact_duplicate: a file hashed equal to a training volume.
         problems: one line per problem.
+        integrity: a file of it is not exactly what gate's exporter writes (exit 3).
 
     """
 
@@ -94,6 +106,7 @@ class SampleResult:
     threshold: float | None = None
     exact_duplicate: bool = False
     problems: list[str] = field(default_factory=list)
+    integrity: bool = False
 
 
 @dataclass
@@ -108,12 +121,13 @@ class PublicationReport:
     recorded: dict[str, Any] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
     samples: list[SampleResult] = field(default_factory=list)
+    rejudged_with_other_index: bool = False
 
     @property
     def exit_code(self) -> ExitCode:
         """3 integrity, else 2 looser policy, else 1 a sample not passing, else 0."""
         failed = {c.name for c in self.checks if not c.ok}
-        if failed & {"manifest", "files", "audit"} or any(s.verdict == "error" for s in self.samples):
+        if failed & INTEGRITY_CHECKS or any(s.verdict == "error" or s.integrity for s in self.samples):
             return ExitCode.INPUT
         if any(s.problems and s.verdict == "pass" for s in self.samples):
             return ExitCode.INPUT  # a pass whose voxels do not match the record: tampering
@@ -137,6 +151,7 @@ class PublicationReport:
             "policy": {"id": self.policy_id, "sha256": self.policy_sha256},
             "index_sha256": self.index_sha256,
             "encoder_sha256": self.encoder_sha256,
+            "rejudged_with_other_index": self.rejudged_with_other_index,
             "recorded": self.recorded,
             "checks": [asdict(c) for c in self.checks],
             "samples": [asdict(s) for s in self.samples],
@@ -166,6 +181,9 @@ class PublicationReport:
                 failure.text = "\n".join(problems)
             elif skipped:
                 ET.SubElement(case, "skipped", message="not requested")
+        if self.rejudged_with_other_index:
+            props = ET.SubElement(suite, "properties")
+            ET.SubElement(props, "property", name="rejudged_with_other_index", value="true")
         suites = ET.Element("testsuites")
         suites.append(suite)
         return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
@@ -202,6 +220,8 @@ def verify_bundle(
     index: TrainingIndex,
     encoder: EmbeddingModel,
     audit_log: Path | None,
+    public_key: Ed25519PublicKey | None = None,
+    rejudge_with_other_index: bool = False,
 ) -> PublicationReport:
     """Run every publication check on a bundle.
 
@@ -212,6 +232,10 @@ def verify_bundle(
         encoder: the encoder that re-embeds the samples.
         audit_log: the internal audit log the bundle anchors; None skips the audit check
             (the command line makes that an explicit ``--no-audit``).
+        public_key: the site's public key: ``manifest.sig`` must be its signature of
+            ``manifest.json``; None skips the signature check (reported as skipped).
+        rejudge_with_other_index: accept an index / encoder whose digest differs from the
+            bundle's record (written into the reports); otherwise that is an integrity failure.
 
     Returns:
         The report; see :attr:`PublicationReport.exit_code`.
@@ -226,15 +250,44 @@ def verify_bundle(
     )
     checks = {name: CheckResult(name) for name in CHECK_NAMES}
     report.checks = list(checks.values())
+    bundle_dir = Path(bundle_dir)
     try:
+        if bundle_schema.is_partial(bundle_dir):
+            raise IntegrityError(
+                f"{bundle_dir.name}: a partial folder left by an unfinished gate generate, never a "
+                "bundle (gate generate removes stale ones)"
+            )
+        if (bundle_dir / bundle_schema.MANIFEST_FILE).is_symlink():
+            raise IntegrityError(f"{bundle_schema.MANIFEST_FILE}: a symlink; expected a regular file")
         manifest = read_manifest(bundle_dir)
     except IntegrityError as err:
         checks["manifest"].ok = False
         checks["manifest"].problems.append(str(err))
-        for name in ("files", "policy", "audit"):
+        for name in CHECK_NAMES[1:]:
             checks[name].ok = False
             checks[name].problems.append("not checked: no valid manifest")
         return report
+    if public_key is None:
+        checks["signature"].skipped = True
+    else:
+        problem = signature_problem(
+            (bundle_dir / bundle_schema.MANIFEST_FILE).read_bytes(),
+            bundle_dir / bundle_schema.SIGNATURE_FILE,
+            public_key,
+        )
+        _fail(checks["signature"], [problem] if problem else [])
+    report.rejudged_with_other_index = rejudge_with_other_index
+    digest_problems = [
+        f"{what} digest {have} differs from the bundle's record {want}; give the bundle's {what} "
+        "or --rejudge-with-other-index"
+        for what, have, want in (
+            ("index", index.sha256, manifest.index_sha256),
+            ("encoder", encoder.sha256, manifest.encoder_sha256),
+        )
+        if have != want
+    ]
+    if not rejudge_with_other_index:
+        _fail(checks["digests"], digest_problems)
     report.recorded = {
         "run_id": manifest.run_id,
         "policy": {"id": manifest.policy.id, "sha256": manifest.policy.sha256},
@@ -250,7 +303,46 @@ def verify_bundle(
     else:
         _fail(checks["audit"], audit_problems(audit_log, manifest))
     report.samples = _redecide(bundle_dir, manifest, policy, index, encoder)
+    _check_encodings(bundle_dir, manifest, report.samples)
     return report
+
+
+def _check_encodings(bundle_dir: Path, manifest: BundleManifest, results: list[SampleResult]) -> None:
+    """Every sample file must be byte for byte what gate's exporter writes (integrity, exit 3)."""
+    for sample, result in zip(manifest.samples, results, strict=True):
+        problems: list[str] = []
+        for rel in sample.files:
+            if bundle_schema.path_problem(rel):
+                continue  # reported by the files check; never read
+            path = bundle_dir / rel
+            if path.is_symlink() or not path.is_file():
+                continue  # reported by the files check
+            owner = bundle_schema.sample_file_owner(rel)
+            if owner is None:
+                continue
+            if owner[1] == "nifti":
+                problems += nifti_file_problems(path)
+            else:
+                problems += slice_problems(path, sample.sample_id, manifest.policy.id)
+        if problems:
+            result.problems += problems
+            result.ok, result.integrity = False, True
+
+
+def nifti_file_problems(path: Path) -> list[str]:
+    """A gate NIfTI: one gzip member, nothing after it, and the exporter's exact bytes for its voxels."""
+    body, problems = bundle_schema.gzip_body(path)
+    if body is None or problems:
+        return problems
+    problems = bundle_schema.nifti_body_problems(path.name, body)
+    if problems:
+        return problems
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(body[: bundle_schema.NIFTI_HEADER_BYTES]))
+    shape = tuple(int(x) for x in header.get_data_shape())
+    data = np.frombuffer(body, dtype="<f4", offset=bundle_schema.NIFTI_HEADER_BYTES).reshape(shape, order="F")
+    if canonical_bytes(data, header.get_best_affine(), header) != body:
+        return [f"{path.name}: header differs from what gate's exporter writes for its voxels (hidden data)"]
+    return []
 
 
 def _fail(check: CheckResult, problems: list[str]) -> None:
@@ -294,6 +386,29 @@ def sample_record_problems(audit_log: Path, manifest: BundleManifest) -> list[st
     except IntegrityError as err:
         return [f"records not checked: {err}"]
     problems = []
+    ids = {s.sample_id for s in manifest.samples}
+    for rec in records.values():
+        if rec.run_id != manifest.run_id:
+            continue
+        if rec.policy_sha256 not in (None, manifest.policy.sha256):
+            problems.append(
+                f"run {manifest.run_id} was judged under policy {rec.policy_id} "
+                f"({str(rec.policy_sha256)[:12]}…), "
+                f"the manifest records {manifest.policy.id} ({manifest.policy.sha256[:12]}…)"
+            )
+            break
+    for rec in records.values():
+        if (
+            rec.run_id == manifest.run_id
+            and rec.verdict == "pass"
+            and rec.sample_id is not None
+            and not bundle_schema.UNEXPORTED_ID_RE.match(rec.sample_id)
+            and rec.sample_id not in ids
+        ):
+            problems.append(
+                f"sample {rec.sample_id}: the audit log records it passed and exported in run "
+                f"{manifest.run_id}, the bundle lacks it (deleted sample)"
+            )
     for sample in manifest.samples:
         rec = records.get(sample.audit_hash)
         short = sample.audit_hash[:12]

@@ -53,9 +53,9 @@ def test_good_bundle_passes(runner: CliRunner, world: dict[str, Any], tmp_path: 
     assert [s["sample_id"] for s in report["samples"]] == ["s-000", "s-001"]
     assert all(s["verdict"] == "pass" for s in report["samples"])
     suite = junit.find("testsuite")
-    assert suite is not None and suite.get("tests") == "6" and suite.get("failures") == "0"
+    assert suite is not None and suite.get("tests") == "8" and suite.get("failures") == "0"
     names = [c.get("name") for c in suite.iter("testcase")]
-    assert names == ["manifest", "files", "policy", "audit", "s-000", "s-001"]
+    assert names == ["manifest", "signature", "files", "digests", "policy", "audit", "s-000", "s-001"]
 
 
 def test_stricter_shipped_policy_is_accepted(

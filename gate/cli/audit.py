@@ -337,6 +337,18 @@ def _resolve_run(prefix: str, runs: set[str]) -> str:
 @click.option(
     "--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML."
 )
+@click.option(
+    "--public-key",
+    "public_key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The site's public key (gate keys init; site.pub): manifest.sig must be its signature.",
+)
+@click.option(
+    "--rejudge-with-other-index",
+    is_flag=True,
+    help="Accept an index / encoder whose digest differs from the bundle's record (noted in the reports).",
+)
 @engine_options
 def verify_bundle(
     bundle_dir: Path,
@@ -348,6 +360,8 @@ def verify_bundle(
     no_audit: bool,
     json_path: Path | None,
     junit_path: Path | None,
+    public_key_path: Path | None,
+    rejudge_with_other_index: bool,
     engine: str,
     ray_address: str | None,
     workers: int,
@@ -368,13 +382,24 @@ def verify_bundle(
         )
     if audit_log is not None and no_audit:
         raise UsageError("--audit-log and --no-audit exclude each other")
+    from gate.signing import load_public_key
+
+    public_key = load_public_key(public_key_path) if public_key_path is not None else None
     policy = load_policy(policy_name)
     encoder_dir = encoder_for_index(encoder_dir, index_dir)
     encoder = load_encoder(encoder_dir, device)
     config = EngineConfig(engine, ray_address, workers, batch_size, num_gpus, encoder_dir, device)
     with open_engine(config, encoder) as eng:
         index = eng.open_index(index_dir)
-        result = run_publication_check(bundle_dir, policy, index, eng.encoder, audit_log)  # type: ignore[arg-type]
+        result = run_publication_check(
+            bundle_dir,
+            policy,
+            index,
+            eng.encoder,  # type: ignore[arg-type]
+            audit_log,
+            public_key=public_key,
+            rejudge_with_other_index=rejudge_with_other_index,
+        )
     write_reports(result, json_path, junit_path)
     click.echo(
         f"bundle {bundle_dir}: policy {policy.id}, index {index.sha256[:12]}…, encoder {encoder.sha256[:12]}…"
