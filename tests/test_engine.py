@@ -197,3 +197,29 @@ def test_local_engine_imports_no_ray(data: dict[str, Path]) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+def test_verify_bundle_on_ray_gives_the_same_report(ray_local: None, data: dict[str, Path]) -> None:
+    from gate.index import TrainingIndex
+    from gate.volume import read_volumes
+    from tests.bundle_helpers import Training, run_pipeline
+
+    root, encoder = data["root"], Encoder()
+    opts = ReadOptions(pseudonymizer=Pseudonymizer(key=b"k" * 32))
+    cands = [
+        (f"s{i:06d}", i, read_volumes(p, opts)[0]) for i, p in enumerate(sorted(data["cand"].glob("hipp*")))
+    ]
+    training = Training(
+        data["train"], data["single"], encoder, TrainingIndex.load(data["single"], encoder), [], []
+    )  # type: ignore[arg-type]
+    log = root / "bundle-audit.jsonl"
+    bundle, _ = run_pipeline(training, load_policy("strict"), root / "bundles", log, cands)
+    runner = CliRunner(env={"GATE_ID_KEY_FILE": str(root / "key")})
+    reports = []
+    for engine, index in (("local", "single"), ("ray", "single")):
+        out = root / f"vb-{engine}-{index}.json"
+        args = ["verify-bundle", str(bundle), "--index", str(data[index]), "--audit-log", str(log)]
+        result = runner.invoke(main, [*args, "--json", str(out), "--engine", engine])
+        assert result.exit_code == 3, result.output  # one sample lies outside the index's domain
+        reports.append(json.loads(out.read_text()))
+    assert reports[0] == reports[1]  # every check, sample verdict and similarity

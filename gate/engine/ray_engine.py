@@ -255,7 +255,7 @@ class RayEngine:
             )
             enc_dir = str(self.config.encoder_dir) if self.config.encoder_dir else None
             self._embedders = [
-                cls.remote(enc_dir, self.config.device, None if self.config.num_gpus else 1)
+                cls.remote(enc_dir, self.config.device, None)
                 for _ in range(self.config.workers)
             ]
             infos = _get([a.info.remote() for a in self._embedders])
