@@ -84,8 +84,17 @@ def main() -> None:
     Path("runs").mkdir(exist_ok=True)
     results = []
     for mode in ("sharded", "single"):
-        cmd = [sys.executable, "-m", "bench.shard_bench", "--mode", mode, "--rows", str(args.rows),
-               "--shards", str(args.shards)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.shard_bench",
+            "--mode",
+            mode,
+            "--rows",
+            str(args.rows),
+            "--shards",
+            str(args.shards),
+        ]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         row = json.loads(line) | {"machine": platform.node(), "cpus": __import__("os").cpu_count()}
         print(json.dumps(row), flush=True)

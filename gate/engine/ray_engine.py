@@ -255,8 +255,7 @@ class RayEngine:
             )
             enc_dir = str(self.config.encoder_dir) if self.config.encoder_dir else None
             self._embedders = [
-                cls.remote(enc_dir, self.config.device, None)
-                for _ in range(self.config.workers)
+                cls.remote(enc_dir, self.config.device, None) for _ in range(self.config.workers)
             ]
             infos = _get([a.info.remote() for a in self._embedders])
             for sha, provider in infos:
