@@ -348,14 +348,19 @@ def slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
     ``policy_id``, pixel data of Rows x Columns x 2 bytes.
 
     """
+    name = path.name
+    try:
+        return _slice_problems(path, sample_id, policy_id)
+    except Exception as err:  # pydicom raises many types on hostile input, some lazily
+        return [f"{name}: not a DICOM file gate's exporter writes ({type(err).__name__})"]
+
+
+def _slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
     import io
 
     name = path.name
-    try:
-        raw = path.read_bytes()
-        ds = pydicom.dcmread(io.BytesIO(raw))
-    except Exception as err:
-        return [f"{name}: not a DICOM file gate's exporter writes ({type(err).__name__})"]
+    raw = path.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(raw))
     problems = []
     private = [str(e.tag) for e in ds.iterall() if e.tag.is_private]
     if private:
@@ -383,10 +388,7 @@ def slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
         problems.append(f"{name}: non-zero 128-byte preamble (gate writes zeros)")
     if not problems:
         out = io.BytesIO()
-        try:
-            ds.save_as(out, enforce_file_format=True)
-        except Exception as err:
-            return [f"{name}: does not re-encode ({type(err).__name__})"]
+        ds.save_as(out, enforce_file_format=True)
         if out.getvalue() != raw:
             problems.append(f"{name}: bytes differ from gate's encoding of its own attributes (hidden data)")
     return problems

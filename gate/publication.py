@@ -302,14 +302,20 @@ def verify_bundle(
         checks["audit"].skipped = True
     else:
         _fail(checks["audit"], audit_problems(audit_log, manifest))
-    report.samples = _redecide(bundle_dir, manifest, policy, index, encoder)
-    _check_encodings(bundle_dir, manifest, report.samples)
+    foreign = _check_encodings(bundle_dir, manifest)
+    report.samples = _redecide(bundle_dir, manifest, policy, index, encoder, foreign)
     return report
 
 
-def _check_encodings(bundle_dir: Path, manifest: BundleManifest, results: list[SampleResult]) -> None:
-    """Every sample file must be byte for byte what gate's exporter writes (integrity, exit 3)."""
-    for sample, result in zip(manifest.samples, results, strict=True):
+def _check_encodings(bundle_dir: Path, manifest: BundleManifest) -> dict[str, list[str]]:
+    """Every sample file must be byte for byte what gate's exporter writes (integrity, exit 3).
+
+    Returns:
+        Problems per sample id, for the samples that fail (they are not read any further).
+
+    """
+    out: dict[str, list[str]] = {}
+    for sample in manifest.samples:
         problems: list[str] = []
         for rel in sample.files:
             if bundle_schema.path_problem(rel):
@@ -325,8 +331,8 @@ def _check_encodings(bundle_dir: Path, manifest: BundleManifest, results: list[S
             else:
                 problems += slice_problems(path, sample.sample_id, manifest.policy.id)
         if problems:
-            result.problems += problems
-            result.ok, result.integrity = False, True
+            out[sample.sample_id] = problems
+    return out
 
 
 def nifti_file_problems(path: Path) -> list[str]:
@@ -432,12 +438,17 @@ def _redecide(
     policy: LoadedPolicy,
     index: TrainingIndex,
     encoder: EmbeddingModel,
+    foreign: dict[str, list[str]],
 ) -> list[SampleResult]:
     options = ReadOptions(pseudonymizer=Pseudonymizer(key=READ_KEY))
     results = []
     for sample in manifest.samples:
         result = SampleResult(sample.sample_id)
         results.append(result)
+        if sample.sample_id in foreign:
+            result.problems += foreign[sample.sample_id]
+            result.ok, result.verdict, result.integrity = False, "error", True
+            continue
         volumes: list[tuple[Path, Volume]] = []
         sources = sample_sources(bundle_dir, sample.files)
         if not sources:
@@ -463,6 +474,7 @@ def _redecide(
             nifti = source.name.endswith((".nii", ".nii.gz"))
             if nifti and sha256_voxels(vol.data) != sample.candidate_sha256:
                 result.problems.append(f"{source.name}: voxels differ from the recorded candidate_sha256")
+                result.integrity = True
         probes = embed_volumes([v for _, v in volumes], encoder)
         found = index.search_many(
             [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k

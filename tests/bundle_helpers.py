@@ -22,6 +22,7 @@ from gate.domain import measure_domain
 from gate.identity import Pseudonymizer
 from gate.index import TrainingIndex, build_index, embed_volumes
 from gate.policy import LoadedPolicy, load_policy
+from gate.signing import SigningKey
 from gate.values import Verdict, Volume
 from gate.volume import ReadOptions, read_volumes
 from tests.conftest import TEST_KEY
@@ -104,6 +105,7 @@ def run_pipeline(
     formats: tuple[str, ...] = ("nifti",),
     forge_pass: bool = False,
     run_id: str = RUN_ID,
+    signer: SigningKey | None = None,
 ) -> tuple[Path, dict[str, Verdict]]:
     """Gate candidates into a bundle like the generate pipeline: audit first, then export.
 
@@ -119,6 +121,7 @@ def run_pipeline(
         provider=PROVIDER,
         policy=policy,
         formats=formats,
+        signer=signer,
     )
     verdicts = {}
     with BundleWriter(out_dir, run_id, provenance, audit) as bundle:

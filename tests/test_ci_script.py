@@ -79,8 +79,9 @@ def test_edited_sample_fails_with_its_reason(world: dict[str, Any], tmp_path: Pa
     proc = run_script(world, bundle, tmp_path / "out", world["log"])
     assert proc.returncode == 3
     assert re.search(r"reason: files: samples/s-000\.nii\.gz: .*\(file was modified\)", proc.stdout)
-    assert "sample s-000: s-000.nii.gz: voxels differ from the recorded candidate_sha256" in reasons(
-        tmp_path / "out"
+    assert (
+        "sample s-000: s-000.nii.gz: header differs from what gate's exporter writes for its voxels "
+        "(hidden data)" in reasons(tmp_path / "out")
     )
 
 
