@@ -158,7 +158,11 @@ def check(
         _write_json(json_path, report)
     click.echo(f"audit: run {run_id}, {len(decisions) + len(errors)} record(s) in {audit.path}")
     if errors:
-        click.echo(f"gate: {len(errors)} input(s) unreadable; nothing counts as passed", err=True)
+        click.echo(
+            f"gate: {len(errors)} input(s) refused (unreadable, or outside what the index can judge); "
+            "nothing counts as passed",
+            err=True,
+        )
     elif code is ExitCode.FLAGGED:
         click.echo(
             f"gate: {counts[Verdict.FLAG]} candidate(s) flagged for review (exit 5); a flagged sample "
