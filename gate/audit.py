@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gate.digest import canonical_json, sha256_json
 from gate.errors import IntegrityError
+from gate.signing import SigningKey
 from gate.values import Decision, Grade
 
 AUDIT_SCHEMA_VERSION = 1
@@ -397,13 +400,88 @@ class LogReport:
         return not self.problems
 
 
-def verify_log(path: Path, anchors: list[tuple[str, int]] | None = None) -> LogReport:
+HEADS_SUFFIX = ".heads"
+"""Signed heads live beside the log: ``audit.jsonl.heads`` (JSON Lines, one per finished run)."""
+
+
+def heads_path(log_path: Path) -> Path:
+    """Where the signed heads of ``log_path`` are kept."""
+    log_path = Path(log_path)
+    return log_path.with_name(log_path.name + HEADS_SUFFIX)
+
+
+def _head_message(seq: int, head_hash: str) -> bytes:
+    return f"gate-audit-head:v1:{seq}:{head_hash}".encode("ascii")
+
+
+def sign_head(log: AuditLog, signer: SigningKey) -> tuple[str, int]:
+    """Sign the log's current head (like a Certificate Transparency signed tree head).
+
+    Appends ``{"seq", "head_hash", "time", "key_id", "signature"}`` to :func:`heads_path`, fsynced.
+    A chain recomputed after an edit no longer holds the signed hash at that seq.
+
+    Returns:
+        The head signed, ``(head_hash, head_seq)``.
+
+    """
+    head_hash, head_seq = log.head_position()
+    doc = json.loads(signer.sign(_head_message(head_seq, head_hash)))
+    line = {"seq": head_seq, "head_hash": head_hash, "time": utc_now(), **doc}
+    path = heads_path(log.path)
+    with open(path, "a", encoding="ascii") as f:
+        f.write(json.dumps(line, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return head_hash, head_seq
+
+
+def signed_head_problems(log_path: Path, by_seq: dict[int, str], public: Ed25519PublicKey) -> list[str]:
+    """Every signed head must verify under ``public`` and still be the log's record at its seq."""
+    from gate.signing import key_id
+
+    path = heads_path(log_path)
+    if not path.is_file() or path.is_symlink():
+        return [f"{path}: no signed head (gate generate signs one at the end of each run)"]
+    problems = []
+    kid = key_id(public)
+    lines = path.read_bytes().splitlines()
+    if not lines:
+        return [f"{path}: no signed head"]
+    for n, raw in enumerate(lines, start=1):
+        where = f"{path}:{n}"
+        try:
+            head = json.loads(raw)
+            seq, head_hash, sig = int(head["seq"]), str(head["head_hash"]), bytes.fromhex(head["signature"])
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{where}: unreadable signed head")
+            continue
+        if head.get("key_id") != kid:
+            problems.append(f"{where}: signed by another key than the one given")
+            continue
+        try:
+            public.verify(sig, _head_message(seq, head_hash))
+        except InvalidSignature:
+            problems.append(f"{where}: signature of head seq {seq} does not verify (head was edited)")
+            continue
+        if by_seq.get(seq) != head_hash:
+            problems.append(
+                f"{where}: signed head seq {seq} ({head_hash[:12]}…) is not the log's record there: the "
+                "log was rewritten (chain recomputed) or truncated after it was signed"
+            )
+    return problems
+
+
+def verify_log(
+    path: Path, anchors: list[tuple[str, int]] | None = None, public_key: Ed25519PublicKey | None = None
+) -> LogReport:
     """Check every record's hash, the chain, the sequence, and optional anchors.
 
     Args:
         path: the log file.
         anchors: ``(head_hash, head_seq)`` pairs recorded elsewhere (bundle manifests); each
             must be the hash of the record at that seq, or records were truncated or rewritten.
+        public_key: the site's public key: every signed head (:func:`sign_head`) must verify
+            and still be in the log; None skips that check.
 
     Returns:
         The report; ``problems`` names every line that is edited (hash mismatch), out of
@@ -458,4 +536,6 @@ def verify_log(path: Path, anchors: list[tuple[str, int]] | None = None) -> LogR
                 f"{path}: anchor seq {anchor_seq} ({anchor_hash[:12]}…) is not in the log: records were "
                 "truncated from the end or rewritten after the bundle was made"
             )
+    if public_key is not None:
+        report.problems += signed_head_problems(report.path, by_seq, public_key)
     return report

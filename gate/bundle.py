@@ -48,7 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gate import __version__, bundle_schema
-from gate.audit import AuditLog, AuditRecord
+from gate.audit import AuditLog, AuditRecord, sign_head
 from gate.datacard import TRAINING_DATA_NOTICE, data_card
 from gate.digest import sha256_file, sha256_voxels
 from gate.errors import IntegrityError, UsageError
@@ -430,6 +430,7 @@ class BundleWriter:
             (self.tmp / MANIFEST_FILE).write_text(text)
             if p.signer is not None:
                 (self.tmp / bundle_schema.SIGNATURE_FILE).write_bytes(p.signer.sign(text.encode("utf-8")))
+                sign_head(self.audit, p.signer)  # the run's end: the head the manifest anchors
             _fsync_tree(self.tmp)
             if self.out_dir.exists():
                 raise UsageError(f"{self.out_dir}: appeared while the bundle was built; not overwritten")

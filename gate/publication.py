@@ -301,7 +301,7 @@ def verify_bundle(
     if audit_log is None:
         checks["audit"].skipped = True
     else:
-        _fail(checks["audit"], audit_problems(audit_log, manifest))
+        _fail(checks["audit"], audit_problems(audit_log, manifest, public_key))
     foreign = _check_encodings(bundle_dir, manifest)
     report.samples = _redecide(bundle_dir, manifest, policy, index, encoder, foreign)
     return report
@@ -376,10 +376,12 @@ def _check_policy(
         )
 
 
-def audit_problems(audit_log: Path, manifest: BundleManifest) -> list[str]:
-    """Problems of the log (chain, anchor) and of the bundle's samples' records in it."""
+def audit_problems(
+    audit_log: Path, manifest: BundleManifest, public_key: Ed25519PublicKey | None = None
+) -> list[str]:
+    """Problems of the log (chain, anchor, signed heads) and of the bundle's samples' records in it."""
     anchor = (manifest.audit.head_hash, manifest.audit.head_seq)
-    log_report = verify_log(audit_log, anchors=[anchor] if anchor[1] >= 0 else [])
+    log_report = verify_log(audit_log, anchors=[anchor] if anchor[1] >= 0 else [], public_key=public_key)
     if not log_report.path.is_file():
         return list(log_report.problems)
     return log_report.problems + sample_record_problems(audit_log, manifest)

@@ -64,6 +64,7 @@ def bundle(world: dict[str, Any], tmp_path: Path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(world["good"], dst, symlinks=True)
     shutil.copy(world["log"], tmp_path / "audit.jsonl")
+    shutil.copy(world["log"].with_name("audit.jsonl.heads"), tmp_path / "audit.jsonl.heads")
     return dst
 
 
@@ -307,3 +308,55 @@ def test_header_edit_without_reseal_is_caught_by_size(world: dict[str, Any], bun
         f.write("\n")
     assert_refused(check(world, bundle), "DATA_CARD.md: ")
     assert "the manifest says" in reasons(check(world, bundle))
+
+
+def rewrite_chain(log_path: Path, edit: Any) -> dict[str, str]:
+    """Edit records with ``edit(dict) -> dict``, recompute every hash and prev_hash; old -> new hash."""
+    from gate.audit import GENESIS_HASH, record_hash
+
+    out, renamed, prev = [], {}, GENESIS_HASH
+    for line in log_path.read_text().splitlines():
+        rec = edit(json.loads(line))
+        old = rec.pop("hash")
+        rec["prev_hash"] = prev
+        rec["hash"] = prev = record_hash(rec)
+        renamed[old] = rec["hash"]
+        out.append(json.dumps(rec))
+    log_path.write_text("\n".join(out) + "\n")
+    return renamed
+
+
+def test_audit_log_rewritten_with_recomputed_chain_and_anchors(world: dict[str, Any], bundle: Path) -> None:
+    from gate.audit import verify_log
+
+    log_path = bundle.parent / "audit.jsonl"
+
+    def loosen(rec: dict[str, Any]) -> dict[str, Any]:
+        rec["similarity"] = 0.1 if rec["similarity"] is not None else None  # every candidate "different"
+        return rec
+
+    renamed = rewrite_chain(log_path, loosen)
+    data = manifest(bundle)
+    data["audit"]["head_hash"] = renamed[data["audit"]["head_hash"]]
+    for sample in data["samples"]:
+        sample["audit_hash"] = renamed[sample["audit_hash"]]
+    reseal(bundle, data)
+    assert verify_log(log_path, anchors=[(data["audit"]["head_hash"], data["audit"]["head_seq"])]).ok
+    assert check(world, bundle).exit_code is ExitCode.OK  # chain and anchors alone cannot tell
+    report = verify_log(log_path, public_key=world["public"])
+    assert any("is not the log's record there: the log was rewritten" in p for p in report.problems)
+    assert_refused(check(world, bundle, world["public"]), "the log was rewritten (chain recomputed)")
+
+
+def test_signed_head_missing_or_forged(world: dict[str, Any], bundle: Path) -> None:
+    from gate.audit import verify_log
+
+    log_path = bundle.parent / "audit.jsonl"
+    (bundle.parent / "audit.jsonl.heads").unlink()
+    assert "no signed head" in "\n".join(verify_log(log_path, public_key=world["public"]).problems)
+    heads = world["log"].with_name("audit.jsonl.heads").read_text()
+    head = json.loads(heads.splitlines()[-1])
+    head["head_hash"] = "2" * 64
+    (bundle.parent / "audit.jsonl.heads").write_text(json.dumps(head) + "\n")
+    problems = "\n".join(verify_log(log_path, public_key=world["public"]).problems)
+    assert "does not verify (head was edited)" in problems

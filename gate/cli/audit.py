@@ -48,7 +48,14 @@ def audit() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="A bundle whose anchor (log head at its run's end) must be in the log (repeatable).",
 )
-def verify(log_path: Path, bundles: tuple[Path, ...]) -> None:
+@click.option(
+    "--public-key",
+    "public_key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The site's public key: every signed head (one per run) must verify and still be in the log.",
+)
+def verify(log_path: Path, bundles: tuple[Path, ...], public_key_path: Path | None) -> None:
     """Check every record's hash, the chain and the sequence, and each bundle's anchor.
 
     Detects an edited, deleted, inserted, reordered or torn record; records cut from the end are
@@ -56,7 +63,10 @@ def verify(log_path: Path, bundles: tuple[Path, ...]) -> None:
     """
     manifests = [(bundle, read_manifest(bundle)) for bundle in bundles]
     anchors = [(m.audit.head_hash, m.audit.head_seq) for _, m in manifests if m.audit.head_seq >= 0]
-    report = verify_log(log_path, anchors=anchors)
+    from gate.signing import load_public_key
+
+    public_key = load_public_key(public_key_path) if public_key_path is not None else None
+    report = verify_log(log_path, anchors=anchors, public_key=public_key)
     problems = list(report.problems)
     if report.path.is_file():
         for bundle, m in manifests:
