@@ -22,7 +22,7 @@ from gate.domain import measure_domain
 from gate.identity import Pseudonymizer
 from gate.index import TrainingIndex, build_index, embed_volumes
 from gate.policy import LoadedPolicy, load_policy
-from gate.signing import SigningKey
+from gate.signing import PUBLIC_KEY_FILE, SigningKey, load_or_create_signing_key
 from gate.values import Verdict, Volume
 from gate.volume import ReadOptions, read_volumes
 from tests.conftest import TEST_KEY
@@ -159,15 +159,18 @@ def build_world(root: Path) -> dict[str, Any]:
     say pass): sample ``s-copy`` is training volume 4, which only re-deciding can catch.
     """
     training = make_training(root)
+    signer = load_or_create_signing_key(root / "keys")
     policy = write_policy(root / "pol", "release", release_policy_text())
     write_policy(
         root / "pol", "loose", release_policy_text(similar=0.99, duplicate=0.995, similar_action="flag")
     )
     cands = [(f"s-{i:03d}", 100 + i, candidate(100 + i)) for i in range(2)]
-    good, _ = run_pipeline(training, policy, root / "good", root / "audit.jsonl", cands, ("nifti", "dicom"))
+    good, _ = run_pipeline(
+        training, policy, root / "good", root / "audit.jsonl", cands, ("nifti", "dicom"), signer=signer
+    )
     copy = [*cands, ("s-copy", 5, training.volumes[4])]
     forged, verdicts = run_pipeline(
-        training, policy, root / "forged", root / "forged.jsonl", copy, forge_pass=True
+        training, policy, root / "forged", root / "forged.jsonl", copy, forge_pass=True, signer=signer
     )
     assert all(v == "pass" for v in verdicts.values())
     return {
@@ -181,4 +184,5 @@ def build_world(root: Path) -> dict[str, Any]:
         "release": root / "pol" / "release.yaml",
         "loose": root / "pol" / "loose.yaml",
         "train": training.data_dir,
+        "public_key": root / "keys" / PUBLIC_KEY_FILE,
     }

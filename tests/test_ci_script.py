@@ -40,8 +40,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return w
 
 
-def run_script(w: dict[str, Any], bundle: Path, out: Path, log: Path) -> subprocess.CompletedProcess[str]:
+def run_script(
+    w: dict[str, Any], bundle: Path, out: Path, log: Path, key: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GATE": w["gate"], "GATE_AUDIT_LOG": str(log)}
+    env.pop("GATE_PUBLIC_KEY", None)
+    if key:
+        env["GATE_PUBLIC_KEY"] = str(w["public_key"])
     args = [str(bundle), "--index", str(w["index"]), "--policy", str(w["release"]), "--out", str(out)]
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120)
 
@@ -119,6 +124,7 @@ def test_fail_line_names_only_files_it_wrote(world: dict[str, Any], tmp_path: Pa
     out.mkdir()
     (out / "report.json").write_text("{}")  # stale, from an earlier run
     env = {**os.environ, "GATE": world["gate"], "GATE_AUDIT_LOG": str(world["log"])}
+    env["GATE_PUBLIC_KEY"] = str(world["public_key"])
     args = [
         str(world["good"]),
         "--index",
@@ -132,3 +138,21 @@ def test_fail_line_names_only_files_it_wrote(world: dict[str, Any], tmp_path: Pa
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.splitlines()[-1] == f"check-bundle: FAIL {world['good']} (exit 2; no report written)"
     assert not (out / "report.json").exists()
+
+
+def test_signature_required_by_default(world: dict[str, Any], tmp_path: Path) -> None:
+    proc = run_script(world, world["good"], tmp_path / "out", world["log"], key=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f"check-bundle: FAIL {world['good']} (exit 2; a signature is required: give --public-key FILE "
+        "or set GATE_PUBLIC_KEY, or --allow-unsigned; no report written)\n"
+    )
+
+
+def test_unsigned_bundle_fails_on_its_signature(world: dict[str, Any], tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(world["good"], bundle)
+    (bundle / "manifest.sig").unlink()
+    proc = run_script(world, bundle, tmp_path / "out", world["log"])
+    assert proc.returncode == 3
+    assert "reason: signature: manifest.sig: no signature (the bundle is unsigned)" in proc.stdout
