@@ -362,10 +362,11 @@ def _slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
     raw = path.read_bytes()
     ds = pydicom.dcmread(io.BytesIO(raw))
     problems = []
-    private = [str(e.tag) for e in ds.iterall() if e.tag.is_private]
+    elems = list(ds.iterall())
+    private = [str(e.tag) for e in elems if e.tag.is_private]
     if private:
         problems.append(f"{name}: private tag(s) {', '.join(private[:3])} (gate writes none)")
-    extra = sorted({e.keyword or str(e.tag) for e in ds.iterall()} - WRITTEN_KEYWORDS)
+    extra = sorted({e.keyword or str(e.tag) for e in elems} - WRITTEN_KEYWORDS)
     if extra and not private:
         problems.append(f"{name}: attributes gate's exporter does not write: {', '.join(extra[:5])}")
     expected = {
@@ -377,7 +378,7 @@ def _slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
         ],
         **FIXED_VALUES,
     }
-    for elem in ds.iterall():
+    for elem in elems:
         want = expected.get(elem.keyword)
         if want is not None and str(elem.value) != want:
             problems.append(f"{name}: {elem.keyword} is {str(elem.value)[:40]!r}, gate writes {want!r}")

@@ -300,7 +300,9 @@ class BundleWriter:
         self.provenance = provenance
         self.audit = audit
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.tmp = Path(
+            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-{os.getpid()}-", dir=self.out_dir.parent)
+        )
         os.chmod(self.tmp, PUBLISHED_DIR_MODE)
         (self.tmp / SAMPLES_DIR).mkdir()
         self.samples: list[SampleEntry] = []
@@ -598,6 +600,41 @@ def check_files(bundle_dir: Path, manifest: BundleManifest) -> list[str]:
         if rel not in bundle_schema.UNLISTED and rel not in listed:
             problems.append(f"{rel}: not listed in the manifest (unlisted file)")
     return problems
+
+
+def remove_stale_partials(out_root: Path) -> list[Path]:
+    """Remove the partial folders (``.<name>.partial-<pid>-*``) of writers that are gone.
+
+    A folder whose pid is alive on this machine (a running ``gate generate``) is kept, and so is
+    one whose name carries no pid (an older gate's: removed by hand).
+
+    Returns:
+        The folders removed.
+
+    """
+    removed: list[Path] = []
+    root = Path(out_root)
+    if not root.is_dir():
+        return removed
+    for entry in sorted(root.iterdir()):
+        if not bundle_schema.is_partial(entry) or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = bundle_schema.partial_pid(entry)
+        if pid is None or _alive(pid):
+            continue
+        shutil.rmtree(entry)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def find_bundle_root(path: Path) -> Path | None:

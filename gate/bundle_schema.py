@@ -49,6 +49,15 @@ def is_partial(path: Path) -> bool:
     return bool(PARTIAL_RE.match(Path(path).name))
 
 
+_PARTIAL_PID_RE = re.compile(r"\.partial-([0-9]+)-[^/]*$")
+
+
+def partial_pid(path: Path) -> int | None:
+    """The pid of the writer that made a partial folder (None when its name carries none)."""
+    m = _PARTIAL_PID_RE.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def path_problem(rel: str) -> str | None:
     """Why ``rel`` is not a relative, normalised, ``/``-separated path inside a bundle (or None)."""
     if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or re.match(r"^[A-Za-z]:", rel):
@@ -172,6 +181,7 @@ __all__ = [
     "gzip_body",
     "is_partial",
     "nifti_body_problems",
+    "partial_pid",
     "path_problem",
     "sample_file_owner",
     "walk",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gate.audit import AuditEntry, AuditLog, new_run_id, undecided_entries
+from gate.audit import AuditEntry, AuditLog, new_run_id, sign_head, undecided_entries
 from gate.bundle import BundleWriter, PassedSample, Provenance
 from gate.decide import decide
 from gate.digest import sha256_voxels
@@ -35,6 +35,7 @@ from gate.errors import ExitCode, IntegrityError, UsageError
 from gate.index import TrainingIndex, embed_volumes
 from gate.policy import LoadedPolicy
 from gate.report import quarantine_candidate
+from gate.signing import SigningKey
 from gate.values import Decision, Grade, Verdict, Volume
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ class GenerateRequest:
         quarantine: keep every candidate that is not exported (flagged or rejected) under
             ``quarantine_root / <run id>`` for the privacy reviewer's report.
         quarantine_root: None = ``out_root / quarantine``.
+        signer: the site key (:mod:`gate.signing`): signs the manifest and the audit head at
+            the run's end; None: unsigned.
 
     """
 
@@ -105,6 +108,7 @@ class GenerateRequest:
     run_id: str | None = None
     quarantine: bool = True
     quarantine_root: Path | None = None
+    signer: SigningKey | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -351,6 +355,7 @@ def run_generate(
             provider=provider,
             policy=policy,
             formats=request.formats,
+            signer=request.signer,
         )
         with BundleWriter(bundle_dir, run_id, provenance, audit) as writer:
             for item in passed:
@@ -358,6 +363,8 @@ def run_generate(
             write_memorization(writer.tmp, result)  # listed and hashed by finish()
             result.bundle = writer.finish()
         clock.add("export", t)
+    elif request.signer is not None:
+        sign_head(audit, request.signer)  # no bundle: the run's end is still signed
     log.info("run %s: %d/%d candidates passed", run_id, result.passed, result.candidates)
     return result
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import re
 from pathlib import Path
 
@@ -249,3 +250,40 @@ def test_unknown_format_and_bad_manifest(
     (fake / MANIFEST_FILE).write_text(json.dumps({"format_version": 7}))
     with pytest.raises(IntegrityError, match="format_version 7; this gate reads 1"):
         read_manifest(fake)
+
+
+def test_stale_partials_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    import subprocess
+
+    from gate.bundle import remove_stale_partials
+
+    proc = subprocess.Popen(["sleep", "0"])  # a finished process: its pid is free
+    proc.wait()
+    stale = tmp_path / f".gate-r1.partial-{proc.pid}-abc"
+    live = tmp_path / f".gate-r2.partial-{os.getpid()}-def"
+    old = tmp_path / ".gate-r3.partial-xyz"  # no pid: an older gate's, kept
+    for d in (stale, live, old):
+        (d / "samples").mkdir(parents=True)
+    (stale / "manifest.json").write_text("{}")
+    assert remove_stale_partials(tmp_path) == [stale]
+    assert not stale.exists() and live.is_dir() and old.is_dir()
+
+
+def test_keys_init_private_key_mode_and_place(tmp_path: Path) -> None:
+    import stat
+
+    from click.testing import CliRunner
+
+    from gate.cli import main
+    from gate.signing import init_keys, load_public_key
+
+    folder = tmp_path / "keys"
+    result = CliRunner().invoke(main, ["keys", "init", "--dir", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((folder / "site.key").stat().st_mode) == 0o600
+    load_public_key(folder / "site.pub")
+    result = CliRunner().invoke(main, ["keys", "init", "--dir", str(folder)])
+    assert result.exit_code == 2 and "a site key exists; give --force to replace it" in result.output
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    with pytest.raises(UsageError, match="inside a git repository; keep the site key outside"):
+        init_keys(tmp_path / "repo" / "keys")

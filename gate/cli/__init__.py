@@ -35,6 +35,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "verify-bundle": ("gate.cli.audit", "verify_bundle"),
     "ldm": ("gate.cli.generate", "ldm"),
     "generate": ("gate.cli.generate", "generate"),
+    "keys": ("gate.cli.keys", "keys"),
 }
 """Command name -> (module, attribute). Modules are imported on first use only."""
 

@@ -338,6 +338,18 @@ def generate(
         import secrets
 
         seed = secrets.randbelow(2**31)
+    from gate.bundle import remove_stale_partials
+    from gate.signing import load_or_create_signing_key
+
+    signer = load_or_create_signing_key()
+    if signer.created:
+        click.echo(
+            f"gate: made a demo site key {signer.path} (first use); run gate keys init on a real site, "
+            f"verify with --public-key {signer.path.with_name('site.pub')}",
+            err=True,
+        )
+    for stale in remove_stale_partials(out_root):
+        click.echo(f"gate: removed {stale}, a partial bundle an earlier killed run left", err=True)
     request = GenerateRequest(
         n=n,
         max_candidates=max_candidates,
@@ -349,6 +361,7 @@ def generate(
         audit_log=audit_log,
         quarantine=not no_quarantine,
         quarantine_root=quarantine_root,
+        signer=signer,
     )
     t0 = time.perf_counter()
     policy = load_policy(policy_name)
