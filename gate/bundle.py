@@ -403,7 +403,9 @@ class BundleWriter:
             records = [r for r in self.audit.records() if r.run_id == self.run_id]
             stats = memorization_stats(records)
             p = self.provenance
-            (self.tmp / DATA_CARD_FILE).write_text(data_card(self.run_id, p, stats, len(self.samples)))
+            (self.tmp / DATA_CARD_FILE).write_bytes(
+                data_card(self.run_id, p, stats, len(self.samples)).encode("utf-8")
+            )
             files = tuple(
                 FileEntry(path=rel, sha256=sha256_file(self.tmp / rel), bytes=(self.tmp / rel).stat().st_size)
                 for rel in list_files(self.tmp)

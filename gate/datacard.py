@@ -25,8 +25,14 @@ TRAINING_DATA_NOTICE = (
 """Licence text of the default training data, written into every data card unless replaced."""
 
 
-def data_card(run_id: str, p: Provenance, stats: MemorizationStats, n_samples: int) -> str:
-    """Write the bundle's ``DATA_CARD.md`` text: generation, policy, memorization statistics, licence."""
+def data_card(
+    run_id: str, p: Provenance, stats: MemorizationStats, n_samples: int, gate_version: str = __version__
+) -> str:
+    """Write the bundle's ``DATA_CARD.md`` text: generation, policy, memorization statistics, licence.
+
+    A function of the manifest's content only (``gate_version`` is the writer's), so the
+    publication check regenerates it from the manifest and compares bytes.
+    """
     th = p.policy.policy.thresholds
     acts = p.policy.policy.actions
 
@@ -47,7 +53,7 @@ real person. DICOM files say so (Synthetic Data = YES, Patient Identity Removed 
 - Gate: every candidate was embedded by the gate encoder (sha256 `{p.encoder_sha256}`,
   onnxruntime provider `{p.provider}`) and compared with every training patient in the index
   (sha256 `{p.index_sha256}`); only candidates that passed were exported.
-- Formats: {", ".join(p.formats)}. Tool: gate {__version__}.
+- Formats: {", ".join(p.formats)}. Tool: gate {gate_version}.
 
 ## Gate policy
 

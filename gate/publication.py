@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gate import __version__, bundle_schema
 from gate.audit import AuditLog, verify_log
-from gate.bundle import BundleManifest, check_files, read_manifest
+from gate.bundle import BundleManifest, Provenance, check_files, read_manifest
+from gate.datacard import data_card
 from gate.decide import decide
 from gate.digest import sha256_voxels
 from gate.domain import check_in_domain
@@ -296,7 +297,10 @@ def verify_bundle(
         "generator_sha256": manifest.generator_sha256,
         "audit_head": manifest.audit.head_hash,
     }
-    _fail(checks["files"], check_files(bundle_dir, manifest))
+    files_problems = check_files(bundle_dir, manifest)
+    if not files_problems:
+        files_problems = data_card_problems(bundle_dir, manifest)
+    _fail(checks["files"], files_problems)
     _check_policy(checks["policy"], policy, manifest, index)
     if audit_log is None:
         checks["audit"].skipped = True
@@ -348,6 +352,28 @@ def nifti_file_problems(path: Path) -> list[str]:
     data = np.frombuffer(body, dtype="<f4", offset=bundle_schema.NIFTI_HEADER_BYTES).reshape(shape, order="F")
     if canonical_bytes(data, header.get_best_affine(), header) != body:
         return [f"{path.name}: header differs from what gate's exporter writes for its voxels (hidden data)"]
+    return []
+
+
+def data_card_problems(bundle_dir: Path, manifest: BundleManifest) -> list[str]:
+    """``DATA_CARD.md`` must be exactly what gate writes for this manifest."""
+    try:
+        provenance = Provenance(
+            generator_name=manifest.generator_name,
+            generator_sha256=manifest.generator_sha256,
+            encoder_sha256=manifest.encoder_sha256,
+            index_sha256=manifest.index_sha256,
+            provider=manifest.provider,
+            policy=manifest.policy.loaded(),
+            formats=manifest.formats,
+        )
+    except IntegrityError as err:
+        return [str(err)]
+    expected = data_card(
+        manifest.run_id, provenance, manifest.stats, len(manifest.samples), manifest.gate_version
+    ).encode("utf-8")
+    if (bundle_dir / bundle_schema.DATA_CARD_FILE).read_bytes() != expected:
+        return [f"{bundle_schema.DATA_CARD_FILE}: differs from the data card gate writes for this manifest"]
     return []
 
 

@@ -275,6 +275,8 @@ def test_manifest_policy_loosened(world: dict[str, Any], bundle: Path) -> None:
 
 def test_other_index_refused_unless_asked(world: dict[str, Any], bundle: Path) -> None:
     data = manifest(bundle)
+    card = bundle / "DATA_CARD.md"
+    card.write_text(card.read_text().replace(data["index_sha256"], "1" * 64))  # consistent, too
     data["index_sha256"] = "1" * 64
     reseal(bundle, data)
     report = check(world, bundle)
@@ -360,3 +362,10 @@ def test_signed_head_missing_or_forged(world: dict[str, Any], bundle: Path) -> N
     (bundle.parent / "audit.jsonl.heads").write_text(json.dumps(head) + "\n")
     problems = "\n".join(verify_log(log_path, public_key=world["public"]).problems)
     assert "does not verify (head was edited)" in problems
+
+
+def test_data_card_rewritten(world: dict[str, Any], bundle: Path) -> None:
+    card = bundle / "DATA_CARD.md"
+    card.write_text(card.read_text().replace("Synthetic data.", "Synthetic data (and one real scan)."))
+    reseal(bundle)
+    assert_refused(check(world, bundle), "DATA_CARD.md: differs from the data card gate writes")
