@@ -358,15 +358,26 @@ def slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
 def _slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
     import io
 
+    from pydicom.datadict import keyword_for_tag
+
     name = path.name
     raw = path.read_bytes()
     ds = pydicom.dcmread(io.BytesIO(raw))
     problems = []
-    elems = list(ds.iterall())
-    private = [str(e.tag) for e in elems if e.tag.is_private]
+    tags = list(ds.keys())  # raw tags: nothing is decoded yet
+    nested: list[Dataset] = []
+    for tag in tags:
+        if keyword_for_tag(tag) == "ContributingEquipmentSequence":
+            for item in ds[tag].value:
+                nested.append(item)
+                for sub in item:
+                    if sub.VR == "SQ":
+                        nested.extend(sub.value)
+    all_tags = tags + [t for item in nested for t in item.keys()]
+    private = [str(t) for t in all_tags if t.is_private]
     if private:
         problems.append(f"{name}: private tag(s) {', '.join(private[:3])} (gate writes none)")
-    extra = sorted({e.keyword or str(e.tag) for e in elems} - WRITTEN_KEYWORDS)
+    extra = sorted({keyword_for_tag(t) or str(t) for t in all_tags} - WRITTEN_KEYWORDS)
     if extra and not private:
         problems.append(f"{name}: attributes gate's exporter does not write: {', '.join(extra[:5])}")
     expected = {
@@ -378,18 +389,23 @@ def _slice_problems(path: Path, sample_id: str, policy_id: str) -> list[str]:
         ],
         **FIXED_VALUES,
     }
-    for elem in elems:
-        want = expected.get(elem.keyword)
-        if want is not None and str(elem.value) != want:
-            problems.append(f"{name}: {elem.keyword} is {str(elem.value)[:40]!r}, gate writes {want!r}")
-    if "PixelData" in ds and "Rows" in ds and "Columns" in ds:
-        if len(ds.PixelData) != int(ds.Rows) * int(ds.Columns) * 2:
-            problems.append(f"{name}: pixel data is not Rows x Columns x 2 bytes")
+    for where in (ds, *nested):
+        for keyword, want in expected.items():
+            if keyword in where and str(where[keyword].value) != want:
+                got = str(where[keyword].value)[:40]
+                problems.append(f"{name}: {keyword} is {got!r}, gate writes {want!r}")
+    for keyword in ("PatientName", "PatientID", "SyntheticData", "PatientIdentityRemoved"):
+        if keyword not in ds:
+            problems.append(f"{name}: {keyword} missing (gate writes {expected[keyword]!r})")
     if ds.preamble not in (None, bytes(128)):
         problems.append(f"{name}: non-zero 128-byte preamble (gate writes zeros)")
-    if not problems:
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        if out.getvalue() != raw:
-            problems.append(f"{name}: bytes differ from gate's encoding of its own attributes (hidden data)")
+    if not tags or tags[-1] != 0x7FE00010:
+        problems.append(f"{name}: pixel data is not the last element (gate writes it last)")
+    else:
+        pixels = ds.get_item(0x7FE00010)
+        end = pixels.value_tell + pixels.length
+        if end != len(raw):
+            problems.append(f"{name}: {len(raw) - end} byte(s) after the pixel data (trailing data)")
+        if "Rows" in ds and "Columns" in ds and pixels.length != int(ds.Rows) * int(ds.Columns) * 2:
+            problems.append(f"{name}: pixel data is not Rows x Columns x 2 bytes")
     return problems

@@ -203,3 +203,36 @@ def test_cli_show_filters(mixed_log: Path) -> None:
     assert table.exit_code == 0 and "1 record(s)" in table.output and "p-00000000000000bb" in table.output
     bad = runner.invoke(main, ["audit", "show", "--log", str(mixed_log), "--since", "yesterday"])
     assert bad.exit_code == 2 and "--since 'yesterday': expected an ISO 8601 time" in bad.output
+
+
+def test_signed_heads_catch_a_recomputed_chain(tmp_path: Path) -> None:
+    from gate.audit import record_hash, sign_head
+    from gate.signing import load_or_create_signing_key
+
+    signer = load_or_create_signing_key(tmp_path / "keys")
+    log_path = tmp_path / "audit.jsonl"
+    write_log(log_path, 4)
+    sign_head(AuditLog(log_path), signer)
+    args = [
+        "audit",
+        "verify",
+        "--audit-log",
+        str(log_path),
+        "--public-key",
+        str(tmp_path / "keys" / "site.pub"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "audit log verifies" in result.output, result.output
+    out, prev = [], GENESIS_HASH
+    for line in lines(log_path):
+        rec = json.loads(line)
+        rec["verdict"] = "pass"
+        rec.pop("hash")
+        rec["prev_hash"] = prev
+        rec["hash"] = prev = record_hash(rec)
+        out.append(json.dumps(rec))
+    log_path.write_text("\n".join(out) + "\n")
+    assert verify_log(log_path).ok  # the chain alone cannot tell
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 3
+    assert "is not the log's record there: the log was rewritten (chain recomputed)" in result.output
