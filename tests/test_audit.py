@@ -216,7 +216,7 @@ def test_signed_heads_catch_a_recomputed_chain(tmp_path: Path) -> None:
     args = [
         "audit",
         "verify",
-        "--audit-log",
+        "--log",
         str(log_path),
         "--public-key",
         str(tmp_path / "keys" / "site.pub"),
