@@ -226,7 +226,7 @@ def test_signed_heads_catch_a_recomputed_chain(tmp_path: Path) -> None:
     out, prev = [], GENESIS_HASH
     for line in lines(log_path):
         rec = json.loads(line)
-        rec["verdict"] = "pass"
+        rec["seed"] = 999  # any edit
         rec.pop("hash")
         rec["prev_hash"] = prev
         rec["hash"] = prev = record_hash(rec)
