@@ -60,7 +60,7 @@ from gate.values import Decision, Grade, Verdict, Volume
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
 """The manifest layout this code writes and reads."""
 
 MANIFEST_FILE = bundle_schema.MANIFEST_FILE
@@ -173,6 +173,38 @@ class MemorizationStats(BaseModel):
     passed_similarity_max: float | None
 
 
+class MemorizationRecord(BaseModel):
+    """Dar et al.'s memorization statistics of the run (shares and counts, no ids).
+
+    Recorded in the (signed) manifest; ``memorization.json`` is :func:`memorization_document` of
+    it, so the verifier regenerates the file from the manifest and compares bytes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    candidates: int = Field(ge=0)
+    copy_share: float = Field(ge=0.0, le=1.0)
+    patients_copied: int = Field(ge=0)
+    training_patients: int = Field(ge=0)
+    patients_copied_share: float = Field(ge=0.0, le=1.0)
+    verdict_grades: dict[str, int]
+
+
+MEMORIZATION_DEFINITIONS = {
+    "copy_share": "candidates rejected with grade duplicate / candidates",
+    "patients_copied_share": "distinct nearest training patients of duplicate-grade "
+    "candidates / distinct patients in the index",
+}
+"""What the two shares in ``memorization.json`` mean (written into the file)."""
+
+
+def memorization_document(record: MemorizationRecord) -> bytes:
+    """The exact bytes of ``memorization.json`` for ``record`` (writer and verifier both use this)."""
+    data = record.model_dump(mode="json") | {"definitions": MEMORIZATION_DEFINITIONS}
+    return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+
 class BundleManifest(BaseModel):
     """``manifest.json``: everything that identifies and reproduces a bundle. No ids, no paths."""
 
@@ -193,6 +225,7 @@ class BundleManifest(BaseModel):
     library_versions: dict[str, str]
     audit: AuditAnchor
     stats: MemorizationStats
+    memorization: MemorizationRecord | None = None
     samples: tuple[SampleEntry, ...]
     files: tuple[FileEntry, ...]
 
@@ -386,8 +419,12 @@ class BundleWriter:
         )
         return written
 
-    def finish(self) -> Path:
+    def finish(self, memorization: MemorizationRecord | None = None) -> Path:
         """Write the data card and manifest, fsync everything, rename into place.
+
+        Args:
+            memorization: the run's memorization statistics; written as ``memorization.json``
+                and recorded in the manifest (None: neither).
 
         Returns:
             The final bundle path.
@@ -406,6 +443,8 @@ class BundleWriter:
             (self.tmp / DATA_CARD_FILE).write_bytes(
                 data_card(self.run_id, p, stats, len(self.samples)).encode("utf-8")
             )
+            if memorization is not None:
+                (self.tmp / bundle_schema.MEMORIZATION_FILE).write_bytes(memorization_document(memorization))
             files = tuple(
                 FileEntry(path=rel, sha256=sha256_file(self.tmp / rel), bytes=(self.tmp / rel).stat().st_size)
                 for rel in list_files(self.tmp)
@@ -427,6 +466,7 @@ class BundleWriter:
                 library_versions=library_versions(),
                 audit=AuditAnchor(head_hash=head_hash, head_seq=head_seq, run_records=len(records)),
                 stats=stats,
+                memorization=memorization,
                 samples=tuple(self.samples),
                 files=files,
             )

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gate import bundle_schema
 from gate.audit import AuditEntry, AuditLog, new_run_id, sign_head, undecided_entries
-from gate.bundle import BundleWriter, PassedSample, Provenance
+from gate.bundle import BundleWriter, MemorizationRecord, PassedSample, Provenance, memorization_document
 from gate.decide import decide
 from gate.digest import sha256_voxels
 from gate.domain import check_in_domain
@@ -64,7 +65,7 @@ AUDIT_LOG_NAME = "audit.jsonl"
 GENERATOR_NAME = "MONAI 3D latent diffusion (AutoencoderKL + DiffusionModelUNet, DDIM)"
 """Name recorded in the bundle manifest and data card."""
 
-MEMORIZATION_FILE = "memorization.json"
+MEMORIZATION_FILE = bundle_schema.MEMORIZATION_FILE
 """Per-run Dar et al. statistics written into the bundle (shares only, no ids)."""
 
 QUARANTINE_DIR_NAME = "quarantine"
@@ -189,22 +190,21 @@ class GenerateResult:
             if key.startswith(verdict.value + "/") and (grade is None or key.endswith("/" + grade.value))
         )
 
+    def memorization_record(self) -> MemorizationRecord:
+        """The Dar et al. statistics as the bundle records them (no ids)."""
+        return MemorizationRecord(
+            run_id=self.run_id,
+            candidates=self.candidates,
+            copy_share=self.copy_share,
+            patients_copied=self.patients_copied,
+            training_patients=self.training_patients,
+            patients_copied_share=self.patients_copied_share,
+            verdict_grades=dict(sorted(self.verdict_grades.items())),
+        )
+
     def memorization(self) -> dict[str, object]:
-        """Return the Dar et al. statistics as a JSON-able mapping (no ids)."""
-        return {
-            "run_id": self.run_id,
-            "candidates": self.candidates,
-            "copy_share": self.copy_share,
-            "patients_copied": self.patients_copied,
-            "training_patients": self.training_patients,
-            "patients_copied_share": self.patients_copied_share,
-            "verdict_grades": dict(sorted(self.verdict_grades.items())),
-            "definitions": {
-                "copy_share": "candidates rejected with grade duplicate / candidates",
-                "patients_copied_share": "distinct nearest training patients of duplicate-grade "
-                "candidates / distinct patients in the index",
-            },
-        }
+        """The Dar et al. statistics as a JSON-able mapping (no ids): ``memorization.json``."""
+        return json.loads(memorization_document(self.memorization_record()))
 
 
 class _Clock:
@@ -360,8 +360,7 @@ def run_generate(
         with BundleWriter(bundle_dir, run_id, provenance, audit) as writer:
             for item in passed:
                 writer.add(item.volume, item.decision, item.sample_id, item.seed, item.audit_hash)
-            write_memorization(writer.tmp, result)  # listed and hashed by finish()
-            result.bundle = writer.finish()
+            result.bundle = writer.finish(result.memorization_record())
         clock.add("export", t)
     elif request.signer is not None:
         sign_head(audit, request.signer)  # no bundle: the run's end is still signed
@@ -383,10 +382,3 @@ def candidate_id(index: int) -> str:
     ``index`` is 0-based in the run; with the run's seed it names the candidate that was generated.
     """
     return f"c{index:06d}"
-
-
-def write_memorization(folder: Path, result: GenerateResult) -> Path:
-    """Write the run's memorization statistics (shares only) as JSON into ``folder``."""
-    path = folder / MEMORIZATION_FILE
-    path.write_text(json.dumps(result.memorization(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    return path

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gate import __version__, bundle_schema
 from gate.audit import AuditLog, verify_log
-from gate.bundle import BundleManifest, Provenance, check_files, read_manifest
+from gate.bundle import BundleManifest, Provenance, check_files, memorization_document, read_manifest
 from gate.datacard import data_card
 from gate.decide import decide
 from gate.digest import sha256_voxels
@@ -372,8 +372,35 @@ def data_card_problems(bundle_dir: Path, manifest: BundleManifest) -> list[str]:
     expected = data_card(
         manifest.run_id, provenance, manifest.stats, len(manifest.samples), manifest.gate_version
     ).encode("utf-8")
+    problems = []
     if (bundle_dir / bundle_schema.DATA_CARD_FILE).read_bytes() != expected:
-        return [f"{bundle_schema.DATA_CARD_FILE}: differs from the data card gate writes for this manifest"]
+        problems.append(
+            f"{bundle_schema.DATA_CARD_FILE}: differs from the data card gate writes for this manifest"
+        )
+    problems += memorization_problems(bundle_dir, manifest)
+    return problems
+
+
+def memorization_problems(bundle_dir: Path, manifest: BundleManifest) -> list[str]:
+    """``memorization.json`` must be :func:`gate.bundle.memorization_document` of the manifest's record.
+
+    A manifest without a record must have no such file (:func:`check_files` has already made
+    sure that every file present is listed and owned).
+    """
+    path = bundle_dir / bundle_schema.MEMORIZATION_FILE
+    if manifest.memorization is None:
+        if path.exists() or path.is_symlink():
+            return [f"{bundle_schema.MEMORIZATION_FILE}: present, but the manifest records no statistics"]
+        return []
+    if manifest.memorization.run_id != manifest.run_id:
+        return [
+            f"{bundle_schema.MEMORIZATION_FILE}: statistics of run {manifest.memorization.run_id}, "
+            f"the bundle is run {manifest.run_id}"
+        ]
+    if not path.is_file() or path.read_bytes() != memorization_document(manifest.memorization):
+        return [
+            f"{bundle_schema.MEMORIZATION_FILE}: differs from the statistics gate writes for this manifest"
+        ]
     return []
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gate.audit import AuditEntry, AuditLog
-from gate.bundle import BundleWriter, Provenance
+from gate.bundle import BundleWriter, MemorizationRecord, Provenance
 from gate.calibration import leave_one_patient_out
 from gate.decide import decide
 from gate.digest import sha256_source, sha256_voxels
@@ -148,7 +148,17 @@ def run_pipeline(
             )
             if decision.passed:
                 bundle.add(vol, decision, sample_id, seed, h)
-        path = bundle.finish()
+        passed = sum(v is Verdict.PASS for v in verdicts.values())
+        memorization = MemorizationRecord(
+            run_id=run_id,
+            candidates=len(candidates),
+            copy_share=0.0,
+            patients_copied=0,
+            training_patients=training.index.manifest.n_patients,
+            patients_copied_share=0.0,
+            verdict_grades={"pass/different": passed},
+        )
+        path = bundle.finish(memorization)
     return path, verdicts
 
 

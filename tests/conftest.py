@@ -31,3 +31,11 @@ def hippocampus_dir() -> Path:
     if not images.is_dir():
         pytest.skip(f"real data not found at {images}")
     return images
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _site_keys_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Demo site keys made by tests go to a temporary folder, never ~/.config/gate (subprocesses too)."""
+    import os
+
+    os.environ["GATE_KEY_DIR"] = str(tmp_path_factory.mktemp("site-keys"))

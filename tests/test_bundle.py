@@ -244,11 +244,11 @@ def test_unknown_format_and_bad_manifest(
         IntegrityError, match=re.escape(f"{fake / MANIFEST_FILE}: not found; expected a bundle")
     ):
         read_manifest(fake)
-    (fake / MANIFEST_FILE).write_text(json.dumps({"format_version": 1, "kind": "gate-bundle"}))
+    (fake / MANIFEST_FILE).write_text(json.dumps({"format_version": 2, "kind": "gate-bundle"}))
     with pytest.raises(IntegrityError, match="invalid manifest at run_id: Field required"):
         read_manifest(fake)
     (fake / MANIFEST_FILE).write_text(json.dumps({"format_version": 7}))
-    with pytest.raises(IntegrityError, match="format_version 7; this gate reads 1"):
+    with pytest.raises(IntegrityError, match="format_version 7; this gate reads 2"):
         read_manifest(fake)
 
 

@@ -369,3 +369,12 @@ def test_data_card_rewritten(world: dict[str, Any], bundle: Path) -> None:
     card.write_text(card.read_text().replace("Synthetic data.", "Synthetic data (and one real scan)."))
     reseal(bundle)
     assert_refused(check(world, bundle), "DATA_CARD.md: differs from the data card gate writes")
+
+
+def test_memorization_statistics_rewritten(world: dict[str, Any], bundle: Path) -> None:
+    path = bundle / "memorization.json"
+    data = json.loads(path.read_text())
+    data["copy_share"] = 0.5  # claims a different run than the signed manifest records
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    reseal(bundle)
+    assert_refused(check(world, bundle), "memorization.json: differs from the statistics gate writes")
