@@ -68,7 +68,10 @@ def main() -> None:
             continue
         wall, exit_code, samples = out.stdout.split()[-3:]
         base = base or float(wall)
-        print(f"{tree}: {wall} s, exit {exit_code}, {samples} samples, ratio {float(wall) / base:.2f}", flush=True)
+        print(
+            f"{tree}: {wall} s, exit {exit_code}, {samples} samples, ratio {float(wall) / base:.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
