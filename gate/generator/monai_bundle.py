@@ -208,20 +208,9 @@ class MonaiBundleGenerator:
 
     def volumes(self, array: np.ndarray, seed: int, start: int) -> list[Volume]:
         """Wrap sampled voxels as :class:`Volume` objects (the preprocess grid's spacing)."""
-        from gate.generator.sample import SYNTHETIC_PATIENT_ID
+        from gate.generator.sample import generated_volumes
 
-        spacing = tuple(float(s) for s in self.preprocess.spacing_mm)
-        affine = np.diag([*spacing, 1.0])
-        return [
-            Volume(
-                data=array[j, 0],
-                affine=affine.copy(),
-                spacing=spacing,  # type: ignore[arg-type]
-                source=f"generated:{self.sha256[:12]}:seed{seed}:{start + j}",
-                patient_id=SYNTHETIC_PATIENT_ID,
-            )
-            for j in range(len(array))
-        ]
+        return generated_volumes(array, self.preprocess, self.sha256, seed, start)
 
 
 def export_bundle(generator_dir: Path, out: Path) -> Path:

@@ -153,18 +153,7 @@ class Generator:
             start: index of the first sample.
 
         """
-        spacing = tuple(float(s) for s in self.preprocess.spacing_mm)
-        affine = np.diag([*spacing, 1.0])
-        return [
-            Volume(
-                data=array[j, 0],
-                affine=affine.copy(),
-                spacing=spacing,  # type: ignore[arg-type]
-                source=f"generated:{self.sha256[:12]}:seed{seed}:{start + j}",
-                patient_id=SYNTHETIC_PATIENT_ID,
-            )
-            for j in range(len(array))
-        ]
+        return generated_volumes(array, self.preprocess, self.sha256, seed, start)
 
     def batches(
         self, n: int, batch_size: int, seed: int = 0, ddim_steps: int | None = None, start: int = 0
@@ -187,3 +176,32 @@ class Generator:
             arr = self.sample(seed, start + done, count, ddim_steps)
             yield self.volumes(arr, seed, start + done)
             done += count
+
+
+def generated_volumes(
+    array: np.ndarray, preprocess: PreprocessConfig, generator_sha256: str, seed: int, start: int
+) -> list[Volume]:
+    """Wrap a generator's sampled voxels as :class:`Volume` objects on its preprocessing grid.
+
+    Shared by every generator plug-in so candidates look the same to the gate whatever made them.
+
+    Args:
+        array: float32 (N, 1, X, Y, Z) voxels in [0, 1].
+        preprocess: the grid the generator samples on (its spacing, identity orientation).
+        generator_sha256: the generator's digest (its first 12 hex go into ``source``).
+        seed: the run seed (recorded in ``source``).
+        start: index of the first sample.
+
+    """
+    spacing = tuple(float(s) for s in preprocess.spacing_mm)
+    affine = np.diag([*spacing, 1.0])
+    return [
+        Volume(
+            data=array[j, 0],
+            affine=affine.copy(),
+            spacing=spacing,  # type: ignore[arg-type]
+            source=f"generated:{generator_sha256[:12]}:seed{seed}:{start + j}",
+            patient_id=SYNTHETIC_PATIENT_ID,
+        )
+        for j in range(len(array))
+    ]
