@@ -161,25 +161,36 @@ def embed_volumes(
 
     """
     probes: list[Probe] = []
-    posed = [(vol, grid) for vol in volumes for grid in posed_grids(vol, encoder.preprocess, poses)]
-    for start in range(0, len(posed), EMBED_BATCH):
-        chunk = [vol for vol, _ in posed[start : start + EMBED_BATCH]]
-        grids = [grid for _, grid in posed[start : start + EMBED_BATCH]]
-        batch = np.stack(grids)[:, None].astype(np.float32, copy=False)
-        vectors = np.asarray(encoder.embed_array(batch))
-        if vectors.shape != (len(chunk), encoder.dim) or not np.all(np.isfinite(vectors)):
-            raise IntegrityError(
-                f"encoder returned {vectors.shape} with non-finite values or a wrong shape; expected "
-                f"({len(chunk)}, {encoder.dim}) finite unit vectors"
-            )
-        for vol, grid, vec in zip(chunk, grids, vectors, strict=True):
-            try:
-                emb = Embedding(
-                    vector=vec.astype(np.float32), encoder_sha256=encoder.sha256, source=vol.source
-                )
-            except ValueError as err:
-                raise IntegrityError(f"{vol.source}: encoder output is not a unit vector ({err})") from err
-            probes.append(Probe(embedding=emb, voxel_sha256=sha256_voxels(grid)))
+    pending: list[tuple[Volume, np.ndarray]] = []
+    for vol in volumes:  # preprocess lazily: at most one batch of grids is held at a time
+        for grid in posed_grids(vol, encoder.preprocess, poses):
+            pending.append((vol, grid))
+            if len(pending) == EMBED_BATCH:
+                probes.extend(_embed_batch(pending, encoder))
+                pending = []
+    if pending:
+        probes.extend(_embed_batch(pending, encoder))
+    return probes
+
+
+def _embed_batch(posed: Sequence[tuple[Volume, np.ndarray]], encoder: EmbeddingModel) -> list[Probe]:
+    """Embed one batch of (volume, preprocessed grid) pairs; hash each grid."""
+    chunk = [vol for vol, _ in posed]
+    grids = [grid for _, grid in posed]
+    batch = np.stack(grids)[:, None].astype(np.float32, copy=False)
+    vectors = np.asarray(encoder.embed_array(batch))
+    if vectors.shape != (len(chunk), encoder.dim) or not np.all(np.isfinite(vectors)):
+        raise IntegrityError(
+            f"encoder returned {vectors.shape} with non-finite values or a wrong shape; expected "
+            f"({len(chunk)}, {encoder.dim}) finite unit vectors"
+        )
+    probes = []
+    for vol, grid, vec in zip(chunk, grids, vectors, strict=True):
+        try:
+            emb = Embedding(vector=vec.astype(np.float32), encoder_sha256=encoder.sha256, source=vol.source)
+        except ValueError as err:
+            raise IntegrityError(f"{vol.source}: encoder output is not a unit vector ({err})") from err
+        probes.append(Probe(embedding=emb, voxel_sha256=sha256_voxels(grid)))
     return probes
 
 

@@ -310,3 +310,56 @@ def test_undecidable_candidates_are_audited_as_errors(
     assert len(records) == N_TRAIN and {r.verdict for r in records} == {"error"}
     assert all(r.error.startswith("IntegrityError: encoder returned") for r in records)
     assert verify_log(tmp_path / "audit.jsonl").ok
+
+
+def test_chunked_judging_gives_the_same_report_and_one_record_each(
+    runner: CliRunner, index_dir: Path, train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gate.engine
+
+    cand = tmp_path / "cand"
+    shutil.copytree(train_dir, cand)
+    (cand / "broken.nii.gz").write_bytes(b"not a volume")
+    reports = {}
+    for chunk in (512, 3):  # one pass, then 3 sources at a time (4 chunks of the 9 sources)
+        monkeypatch.setattr(gate.engine, "JUDGE_CHUNK", chunk)
+        report = tmp_path / f"r{chunk}.json"
+        result = runner.invoke(
+            main, ["check", str(cand), "--policy", "strict", "--index", str(index_dir), "--json", str(report)]
+        )
+        assert result.exit_code == 3, result.output
+        reports[chunk] = json.loads(report.read_text())
+    assert reports[3]["results"] == reports[512]["results"]
+    assert (
+        reports[3]["summary"]
+        == reports[512]["summary"]
+        == {"pass": 0, "flag": 0, "reject": N_TRAIN, "unreadable": 1}
+    )
+    log = AuditLog(tmp_path / "audit.jsonl")
+    assert verify_log(log.path).ok
+    assert len(list(log.records())) == 2 * (N_TRAIN + 1)
+
+
+def test_a_failing_chunk_leaves_every_source_with_exactly_one_record(
+    runner: CliRunner, index_dir: Path, train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gate.engine
+    from gate.engine.local import LocalEngine
+
+    monkeypatch.setattr(gate.engine, "JUDGE_CHUNK", 3)
+    calls = {"n": 0}
+    real_embed = LocalEngine.embed
+
+    def embed_then_fail(self: LocalEngine, items: list) -> list:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("encoder crashed")
+        return real_embed(self, items)
+
+    monkeypatch.setattr(LocalEngine, "embed", embed_then_fail)
+    result = runner.invoke(main, ["check", str(train_dir), "--policy", "strict", "--index", str(index_dir)])
+    assert result.exit_code == 4, result.output
+    records = list(AuditLog(tmp_path / "audit.jsonl").records())
+    assert len(records) == N_TRAIN  # 3 decided, 3 of the failed chunk, 2 never read
+    assert [r.verdict for r in records] == ["reject"] * 3 + ["error"] * 5
+    assert all(r.error == "RuntimeError: encoder crashed" for r in records[3:])

@@ -10,6 +10,7 @@ The local engine imports no Ray; ``gate.engine.ray_engine`` is imported only for
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,16 @@ def split_in_domain(items: Sequence[Item], index: Searcher) -> tuple[list[Item],
     return kept, refused
 
 
+JUDGE_CHUNK = 512
+"""Sources read, embedded, searched, decided and audited at a time by :func:`judge`.
+
+Reading every candidate before embedding held all of them (and their grids) at once: 10,000
+hippocampus-sized candidates took ``gate check`` to 21.5 GB resident and the kernel killed it (no
+audit record for any of them), and on Ray a worker ran out of memory. 512 keeps a chunk of
+such candidates near half a GB and is far above any batch the encoder or search needs; tests
+with fewer sources see exactly the old single pass."""
+
+
 def judge(
     engine: Engine,
     index: Searcher,
@@ -224,9 +235,11 @@ def judge(
 ) -> Judged:
     """Read, embed, search, decide, and audit every candidate (the body of ``gate check``).
 
-    Records, in this order: one error record per unreadable input, then one decision record
-    per candidate in input order; if embedding, search or a worker fails, one error record per
-    candidate that was read, then the error propagates (fail closed: exactly one record each).
+    Sources are discovered first, then judged :data:`JUDGE_CHUNK` at a time so memory stays
+    bounded. Records, per chunk: one error record per unreadable input (discovery errors with
+    the first chunk), then one decision record per candidate in input order. If embedding,
+    search or a worker fails, every candidate of the chunk gets an error record, every source
+    not yet read gets one too, and the error propagates (fail closed: exactly one record each).
 
     Args:
         engine: where to run.
@@ -239,8 +252,52 @@ def judge(
         problem: the audit text of an unreadable input (names no file).
 
     """
-    items, errors = engine.read(paths, options)
-    return judge_items(engine, index, items, errors, policy, audit, run_id, problem)
+    from gate.volume import discover
+
+    sources: list[Path] = []
+    first_errors: list[InputError] = []
+    for path in paths:
+        try:
+            sources.extend(discover([path]))
+        except InputError as err:
+            first_errors.append(err)
+    parts: list[Judged] = []
+
+    def undecided(err: BaseException, count: int) -> None:
+        for entry in undecided_entries(
+            run_id, err, policy.id, policy.sha256, engine.provider, [None] * count
+        ):
+            audit.append(entry)
+
+    starts = range(0, len(sources), JUDGE_CHUNK) if sources else range(1)
+    for n, start in enumerate(starts):
+        chunk = sources[start : start + JUDGE_CHUNK]
+        before = first_errors if n == 0 else []
+        try:
+            items, errors = engine.read(chunk, options) if chunk else ([], [])
+        except Exception as err:
+            for e in before:
+                audit.append(
+                    AuditEntry.for_error(run_id, problem(e), policy.id, policy.sha256, engine.provider)
+                )
+            undecided(err, len(sources) - start)  # this chunk and every later one
+            raise
+        try:
+            part = judge_items(engine, index, items, [*before, *errors], policy, audit, run_id, problem)
+        except Exception as err:
+            undecided(err, len(sources) - start - len(chunk))  # judge_items recorded this chunk
+            raise
+        # keep what the caller prints, drop the voxels (the reason for chunking)
+        parts.append(
+            dataclasses.replace(part, items=[dataclasses.replace(it, ref=None) for it in part.items])
+        )
+    return Judged(
+        items=[it for p in parts for it in p.items],
+        errors=[e for p in parts for e in p.errors],
+        neighbours=[nb for p in parts for nb in p.neighbours],
+        decisions=[d for p in parts for d in p.decisions],
+        provider=engine.provider,
+    )
 
 
 def judge_items(
