@@ -223,3 +223,39 @@ def test_verify_bundle_on_ray_gives_the_same_report(ray_local: None, data: dict[
         assert result.exit_code == 3, result.output  # one sample lies outside the index's domain
         reports.append(json.loads(out.read_text()))
     assert reports[0] == reports[1]  # every check, sample verdict and similarity
+
+
+def test_ray_judges_chunk_after_chunk_with_every_cpu_held_by_actors(
+    ray_local: None, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 embedding actors hold both CPUs of the local Ray; the reads of chunk 2 must still run."""
+    import threading
+
+    import gate.engine
+
+    code, report, records = _check(data, "single", "local", "local-chunks")
+    monkeypatch.setattr(gate.engine, "JUDGE_CHUNK", 2)
+    done: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: done.update(out=_check(data, "single", "ray", "ray-chunks")), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=240)
+    assert not worker.is_alive(), "gate check --engine ray hung on its second chunk"
+    r_code, r_report, r_records = done["out"]
+    assert (r_code, r_report["summary"]) == (code, report["summary"])
+
+    def by_source(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted(rows, key=lambda r: r["source"])
+
+    assert by_source(r_report["errors"]) == by_source(report["errors"])  # recorded per chunk
+    # other batch compositions: onnxruntime's sums may differ in the last bits, nothing else
+    keys = ("source", "verdict", "grade", "nearest_patient_id", "exact_duplicate")
+    assert [[r[k] for k in keys] for r in r_report["results"]] == [
+        [r[k] for k in keys] for r in report["results"]
+    ]
+    for mine, theirs in zip(r_report["results"], report["results"], strict=True):
+        assert mine["similarity"] == pytest.approx(theirs["similarity"], abs=1e-6)
+    assert sorted((r["verdict"], r.get("nearest_patient_id") or "") for r in r_records) == sorted(
+        (r["verdict"], r.get("nearest_patient_id") or "") for r in records
+    )

@@ -62,6 +62,11 @@ MAX_RESTARTS = 2
 
 CUDA = "CUDAExecutionProvider"
 
+READ_TASK_CPUS = 0
+"""CPUs a read + preprocess task reserves. Zero: the actors' reservations must never starve the
+reads of a later :data:`gate.engine.JUDGE_CHUNK` (a deadlock, not an error); the number of reads
+in flight is bounded by one chunk's ``JUDGE_CHUNK / batch_size`` tasks instead."""
+
 
 def _read_chunk(
     sources: list[str], options: ReadOptions, preprocess: PreprocessConfig, domain: Domain | None
@@ -242,7 +247,10 @@ class RayEngine:
         self._shard_actors: list[Any] = []
         self._index: RayIndex | None = None
         self.encoder = RemoteEncoder(self, encoder)
-        self._read = ray.remote(num_returns=2, max_retries=MAX_RESTARTS)(_read_chunk)
+        # Read tasks reserve no CPU: the embedding actors hold theirs for the whole run, so once
+        # --workers actors fill a node, a CPU-reserving read of the next chunk would wait forever
+        # (measured: gate check of 10,000 candidates with 2 actors on 2 CPUs hung at chunk 2).
+        self._read = ray.remote(num_returns=2, max_retries=MAX_RESTARTS, num_cpus=READ_TASK_CPUS)(_read_chunk)
 
     # -- embedding actors -------------------------------------------------------------------
     def _pool(self) -> list[Any]:
