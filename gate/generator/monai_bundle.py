@@ -177,11 +177,9 @@ class MonaiBundleGenerator:
             UsageError: a bad step count or count.
 
         """
-        import torch
         from monai.bundle import ConfigParser
-        from monai.inferers import LatentDiffusionInferer
 
-        from gate.generator.sample import SAMPLE_SEED_STRIDE
+        from gate.generator.sample import decode_latent_diffusion, seeded_noise
 
         steps = self.ddim_steps if ddim_steps is None else ddim_steps
         if steps < 1 or count < 1:
@@ -190,21 +188,10 @@ class MonaiBundleGenerator:
         if steps > scheduler.num_train_timesteps:
             raise UsageError(f"--ddim-steps must be in [1, {scheduler.num_train_timesteps}]; got {steps}")
         scheduler.set_timesteps(num_inference_steps=steps)
-        noise = torch.empty((count, *self.latent_shape))
-        for j in range(count):
-            gen = torch.Generator().manual_seed(seed * SAMPLE_SEED_STRIDE + start + j)
-            noise[j] = torch.randn(self.latent_shape, generator=gen)
-        inferer = LatentDiffusionInferer(scheduler, scale_factor=self.scale_factor)
-        with torch.no_grad():
-            images = inferer.sample(
-                input_noise=noise.to(self.device),
-                autoencoder_model=self.autoencoder,
-                diffusion_model=self.unet,
-                scheduler=scheduler,
-                verbose=False,
-            )
-        out = images.float().clamp_(0.0, 1.0).cpu().numpy()  # type: ignore[union-attr]
-        return np.ascontiguousarray(out, dtype=np.float32)
+        noise = seeded_noise(self.latent_shape, seed, start, count)
+        return decode_latent_diffusion(
+            noise, self.autoencoder, self.unet, scheduler, self.scale_factor, self.device
+        )
 
     def volumes(self, array: np.ndarray, seed: int, start: int) -> list[Volume]:
         """Wrap sampled voxels as :class:`Volume` objects (the preprocess grid's spacing)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,12 +103,7 @@ class Generator:
             float32 (count, C, x, y, z) on CPU.
 
         """
-        shape = self.config.latent_shape
-        out = torch.empty((count, *shape))
-        for j in range(count):
-            gen = torch.Generator().manual_seed(seed * SAMPLE_SEED_STRIDE + start + j)
-            out[j] = torch.randn(shape, generator=gen)
-        return out
+        return seeded_noise(self.config.latent_shape, seed, start, count)
 
     @torch.no_grad()
     def sample(self, seed: int, start: int, count: int, ddim_steps: int | None = None) -> np.ndarray:
@@ -132,17 +128,10 @@ class Generator:
         if count < 1:
             raise UsageError(f"batch size must be >= 1; got {count}")
         scheduler = build_ddim(self.config, steps)
-        inferer = LatentDiffusionInferer(scheduler, scale_factor=self.manifest.scale_factor)
-        noise = self.noise(seed, start, count).to(self.device)
-        images = inferer.sample(
-            input_noise=noise,
-            autoencoder_model=self.autoencoder,
-            diffusion_model=self.unet,
-            scheduler=scheduler,
-            verbose=False,
+        noise = self.noise(seed, start, count)
+        return decode_latent_diffusion(
+            noise, self.autoencoder, self.unet, scheduler, self.manifest.scale_factor, self.device
         )
-        out = images.float().clamp_(0.0, 1.0).cpu().numpy()  # type: ignore[union-attr]
-        return np.ascontiguousarray(out, dtype=np.float32)
 
     def volumes(self, array: np.ndarray, seed: int, start: int) -> list[Volume]:
         """Wrap sampled voxels as :class:`Volume` objects (1 mm grid, identity orientation).
@@ -205,3 +194,47 @@ def generated_volumes(
         )
         for j in range(len(array))
     ]
+
+
+def seeded_noise(latent_shape: tuple[int, ...], seed: int, start: int, count: int) -> torch.Tensor:
+    """The initial latent noise of samples ``start .. start + count - 1`` of the stream for ``seed``.
+
+    Sample ``i`` is seeded ``seed * SAMPLE_SEED_STRIDE + i``, whatever the batch, so every
+    generator plug-in that uses this draws the same stream.
+
+    Returns:
+        float32 (count, *latent_shape) on CPU.
+
+    """
+    out = torch.empty((count, *latent_shape))
+    for j in range(count):
+        gen = torch.Generator().manual_seed(seed * SAMPLE_SEED_STRIDE + start + j)
+        out[j] = torch.randn(latent_shape, generator=gen)
+    return out
+
+
+@torch.no_grad()
+def decode_latent_diffusion(
+    noise: torch.Tensor,
+    autoencoder: torch.nn.Module,
+    unet: torch.nn.Module,
+    scheduler: Any,
+    scale_factor: float,
+    device: torch.device | str,
+) -> np.ndarray:
+    """Denoise ``noise`` with MONAI's LatentDiffusionInferer and decode it to images.
+
+    Returns:
+        float32 (N, 1, X, Y, Z) clipped to [0, 1].
+
+    """
+    inferer = LatentDiffusionInferer(scheduler, scale_factor=scale_factor)
+    images = inferer.sample(
+        input_noise=noise.to(device),
+        autoencoder_model=autoencoder,
+        diffusion_model=unet,
+        scheduler=scheduler,
+        verbose=False,
+    )
+    out = images.float().clamp_(0.0, 1.0).cpu().numpy()  # type: ignore[union-attr]
+    return np.ascontiguousarray(out, dtype=np.float32)
