@@ -16,6 +16,7 @@ will be preprocessed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -84,6 +85,9 @@ class Domain(BaseModel):
             of exactly this shape and spacing (a generator's output) is judged whole, so it is
             in the domain whatever the training volumes' ranges.
         fov_tolerance / shape_tolerance / spacing_tolerance: the relative margins in force.
+        window_fov_mm: the largest candidate field of view (mm per axis) the index judges by
+            windows (:mod:`gate.windows`), set by ``gate index build --window-fov``; None: no
+            windows, a candidate beyond the training ranges is refused.
 
     """
 
@@ -104,6 +108,7 @@ class Domain(BaseModel):
     fov_tolerance: float = Field(default=FOV_TOLERANCE, ge=0.0)
     shape_tolerance: float = Field(default=SHAPE_TOLERANCE, ge=0.0)
     spacing_tolerance: float = Field(default=SPACING_TOLERANCE, ge=0.0)
+    window_fov_mm: tuple[float, float, float] | None = None
 
     def describe(self) -> str:
         """One phrase: what this domain covers (field of view and spacing, mm)."""
@@ -111,7 +116,12 @@ class Domain(BaseModel):
         sp = " x ".join(
             f"{lo:g}-{hi:g}" for lo, hi in zip(self.spacing_mm_min, self.spacing_mm_max, strict=True)
         )
-        return f"field of view {fov} mm, spacing {sp} mm (+-{self.fov_tolerance:.0%})"
+        windows = (
+            ""
+            if self.window_fov_mm is None
+            else f", by windows up to {'x'.join(f'{x:g}' for x in self.window_fov_mm)} mm"
+        )
+        return f"field of view {fov} mm, spacing {sp} mm (+-{self.fov_tolerance:.0%}){windows}"
 
 
 def geometry(volume: Volume, canonical: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,7 +165,10 @@ def _intensity(volumes: Sequence[Volume]) -> IntensityStats:
 
 
 def measure_domain(
-    volumes: Sequence[Volume], config: PreprocessConfig | None = None, modality: str | None = None
+    volumes: Sequence[Volume],
+    config: PreprocessConfig | None = None,
+    modality: str | None = None,
+    window_fov_mm: tuple[float, float, float] | None = None,
 ) -> Domain:
     """The domain of a set of training volumes (as read, before preprocessing).
 
@@ -164,16 +177,21 @@ def measure_domain(
         config: the encoder's preprocessing (its orientation handling, grid and spacing);
             None: canonical axes, no grid recorded.
         modality: "MR", "CT", ... when known.
+        window_fov_mm: judge candidates up to this field of view (mm per axis) by windows;
+            needs ``config`` with ``fov: crop``.
 
     Returns:
         Per-axis min/max of shape, spacing and field of view, and intensity statistics.
 
     Raises:
-        ValueError: no volumes.
+        ValueError: no volumes, or windows asked of a ``fov: fit`` preprocessing or smaller
+            than the training volumes.
 
     """
     if not volumes:
         raise ValueError("measure_domain needs at least one volume")
+    if window_fov_mm is not None and (config is None or config.fov != "crop"):
+        raise ValueError("window judging needs the encoder's fov: crop (fov: fit sees the whole view)")
     canonical = True if config is None else config.canonical_orientation
     geo = [geometry(v, canonical) for v in volumes]
     shapes = np.stack([g[0] for g in geo])
@@ -196,7 +214,23 @@ def measure_domain(
         modality=modality,
         grid=None if config is None else config.grid,
         grid_spacing_mm=None if config is None else config.spacing_mm,
+        window_fov_mm=_window_fov(window_fov_mm, fovs.max(axis=0)),
     )
+
+
+def _window_fov(
+    window_fov_mm: tuple[float, float, float] | None, training_max: np.ndarray
+) -> tuple[float, float, float] | None:
+    if window_fov_mm is None:
+        return None
+    if any(not (w > 0) for w in window_fov_mm):
+        raise ValueError(f"window field of view must be > 0 mm per axis; got {window_fov_mm}")
+    if np.any(np.asarray(window_fov_mm) < training_max):
+        raise ValueError(
+            f"window field of view {window_fov_mm} mm is smaller than the training volumes' "
+            f"{tuple(float(x) for x in training_max)} mm on some axis"
+        )
+    return (float(window_fov_mm[0]), float(window_fov_mm[1]), float(window_fov_mm[2]))
 
 
 def _outside(found: np.ndarray, lo: Sequence[float], hi: Sequence[float], tol: float) -> bool:
@@ -209,14 +243,27 @@ def _fmt(a: np.ndarray) -> str:
     return "x".join(f"{x:g}" for x in np.round(a, 3))
 
 
-def check_in_domain(volume: Volume, domain: Domain | None, modality: str | None = None) -> None:
-    """Refuse a candidate the index cannot judge (before it is preprocessed).
+JudgeMode = Literal["whole", "windows"]
+"""How a candidate in the domain is judged: ``whole`` (preprocessed to the grid, as training
+volumes are) or ``windows`` (:func:`gate.windows.judge_windows`, every part of it)."""
+
+
+def check_in_domain(
+    volume: Volume, domain: Domain | None, modality: str | None = None, windows: bool = False
+) -> JudgeMode:
+    """Refuse a candidate the index cannot judge (before it is preprocessed); say how to judge it.
 
     Args:
         volume: the candidate as read.
         domain: the index's recorded domain; None (an index that records none) is refused.
         modality: the candidate's modality when known; refused when it differs from a known
             index modality.
+        windows: the caller can judge by windows (:mod:`gate.windows`); when it cannot, a
+            candidate that needs them is refused rather than judged on a crop.
+
+    Returns:
+        ``whole`` or, for an index built with ``--window-fov`` and a candidate larger than the
+        preprocessing grid, ``windows``.
 
     Raises:
         DomainError: one line: the file, what the index covers, what was found.
@@ -235,20 +282,34 @@ def check_in_domain(volume: Volume, domain: Domain | None, modality: str | None 
         and tuple(int(x) for x in volume.data.shape[:3]) == domain.grid
         and np.allclose(volume.spacing, domain.grid_spacing_mm, rtol=1e-3)
     ):
-        return  # on the preprocessing grid already: judged whole
+        return "whole"  # on the preprocessing grid already: judged whole
     found = f"found {_fmt(shape)} voxels at {_fmt(spacing)} mm = {_fmt(fov)} mm"
-    if (
-        _outside(fov, domain.fov_mm_min, domain.fov_mm_max, domain.fov_tolerance)
-        or _outside(spacing, domain.spacing_mm_min, domain.spacing_mm_max, domain.spacing_tolerance)
-        or _outside(shape, domain.shape_min, domain.shape_max, domain.shape_tolerance)
-    ):
-        raise DomainError(
-            volume.source,
-            f"outside the index's domain: it covers {domain.describe()} ({domain.n_volumes} "
-            f"training volumes); {found}; judge it with an index built for this domain",
-        )
+    refusal = (
+        f"outside the index's domain: it covers {domain.describe()} ({domain.n_volumes} "
+        f"training volumes); {found}; judge it with an index built for this domain"
+    )
+    if _outside(spacing, domain.spacing_mm_min, domain.spacing_mm_max, domain.spacing_tolerance):
+        raise DomainError(volume.source, refusal)
     if modality is not None and domain.modality is not None and modality != domain.modality:
         raise DomainError(
             volume.source,
             f"outside the index's domain: modality {modality}, the index covers {domain.modality}",
         )
+    if domain.window_fov_mm is not None and domain.grid is not None and domain.grid_spacing_mm is not None:
+        if _outside(fov, domain.fov_mm_min, domain.window_fov_mm, domain.fov_tolerance):
+            raise DomainError(volume.source, refusal)
+        resampled = fov / np.asarray(domain.grid_spacing_mm, dtype=np.float64)
+        if not np.any(np.round(resampled) > np.asarray(domain.grid)):
+            return "whole"
+        if not windows:
+            raise DomainError(
+                volume.source,
+                f"larger than the index's grid ({found}): it is judged by windows, which this "
+                "path does not run; use gate check with --engine local",
+            )
+        return "windows"
+    if _outside(fov, domain.fov_mm_min, domain.fov_mm_max, domain.fov_tolerance) or _outside(
+        shape, domain.shape_min, domain.shape_max, domain.shape_tolerance
+    ):
+        raise DomainError(volume.source, refusal)
+    return "whole"

@@ -12,9 +12,9 @@ import numpy as np
 from gate.calibration import Calibration, holdout, leave_one_patient_out
 from gate.cli.options import input_options, read_options
 from gate.digest import sha256_file, sha256_source
-from gate.domain import measure_domain
+from gate.domain import Domain, measure_domain
 from gate.engine import Engine, EngineConfig, engine_options, open_engine
-from gate.errors import ExitCode, InputError, IntegrityError
+from gate.errors import ExitCode, InputError, IntegrityError, UsageError
 from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index
 from gate.poses import IDENTITY_ONLY, POSE_SETS, PoseSet
 from gate.shards import SHARDS_FILE, build_sharded
@@ -194,6 +194,15 @@ def index() -> None:
     show_default=True,
     help="Split the index by patient into this many hnswlib graphs, built in parallel (see gate.shards).",
 )
+@click.option(
+    "--window-fov",
+    type=(click.FloatRange(min=0, min_open=True),) * 3,
+    default=None,
+    metavar="X Y Z",
+    help="Also judge candidates larger than the training volumes, up to this field of view (mm, "
+    "canonical axes), on windows of the grid over all of them (gate.windows); default: refuse "
+    "them as out of domain.",
+)
 @engine_options
 def build(
     data: tuple[Path, ...],
@@ -208,6 +217,7 @@ def build(
     patient_pattern: str | None,
     max_voxels: int,
     shards: int,
+    window_fov: tuple[float, float, float] | None,
     engine: str,
     ray_address: str | None,
     workers: int,
@@ -230,6 +240,10 @@ def build(
         held, _, more = read_all(list(holdout_paths), options)
         errors.extend(more)
     _fail_on(errors)
+    try:
+        domain = measure_domain(volumes, encoder.preprocess, window_fov_mm=window_fov)
+    except ValueError as err:
+        raise UsageError(f"--window-fov: {err}") from err
     poses = POSE_SETS[poses_name]
     click.echo(
         f"embedding {len(volumes)} training volume(s) x {len(poses)} pose(s) with encoder "
@@ -237,7 +251,7 @@ def build(
     )
     config = EngineConfig(engine, ray_address, workers, batch_size, num_gpus, encoder_dir, device)
     with open_engine(config, encoder) as eng:
-        _build_on(eng, volumes, held, hashes, poses, encoder, encoder_dir, out_dir, seed, shards)
+        _build_on(eng, volumes, held, hashes, poses, encoder, encoder_dir, out_dir, seed, shards, domain)
 
 
 def _build_on(
@@ -251,6 +265,7 @@ def _build_on(
     out_dir: Path,
     seed: int,
     shards: int,
+    domain: Domain,
 ) -> None:
     probes = eng.embed_volumes(volumes, poses)
     patient_ids = [v.patient_id for v in volumes]
@@ -269,7 +284,6 @@ def _build_on(
         as_read = np.arange(0, len(vectors), len(poses))
         calibration = leave_one_patient_out(vectors, row_patient_ids, seed, query_rows=as_read)
     p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
-    domain = measure_domain(volumes, encoder.preprocess)
     if shards > 1:
         sharded = build_sharded(
             probes,

@@ -464,3 +464,162 @@ def markdown_sweep(result: dict[str, Any]) -> str:
                     f"{r['auroc']:.4f} | {r['tpr_at_fpr_1pct']:.3f} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+PARTIAL_FOV_MM: tuple[int, int, int] = (80, 112, 80)
+"""Field of view (1 mm voxels) a partial copy is placed in: 2.5x the grid per axis, 15x its
+volume, so most of what the gate sees is not the copy."""
+
+BACKGROUNDS: tuple[str, ...] = ("zero", "tissue")
+"""``zero``: the copy on an empty field (as an MR crop pasted into a scan's air); ``tissue``:
+on a smooth random field spanning the copy's own interquartile intensities (no edge of zeros
+marks where the copy sits)."""
+
+
+def place(volume: Volume, fov: tuple[int, int, int], background: str, seed: int) -> Volume:
+    """``volume`` pasted at a seeded random position inside a larger 1 mm field of view.
+
+    Args:
+        volume: a raw volume at 1 mm (RAS axes), shape within ``fov``.
+        fov: output shape (X, Y, Z) in voxels = mm.
+        background: one of :data:`BACKGROUNDS`.
+        seed: fixes the position and the background field.
+
+    Returns:
+        A raw-intensity Volume of shape ``fov`` (identity affine, 1 mm).
+
+    """
+    from scipy import ndimage
+
+    from gate.preprocess import to_canonical
+
+    rng = np.random.default_rng(seed)
+    data = to_canonical(volume).data.astype(np.float32)
+    if background == "zero":
+        field = np.zeros(fov, dtype=np.float32)
+    elif background == "tissue":
+        lo, hi = np.percentile(data, (25.0, 75.0))
+        noise = ndimage.gaussian_filter(rng.standard_normal(fov).astype(np.float32), sigma=6.0)
+        noise = (noise - noise.min()) / max(float(np.ptp(noise)), 1e-12)
+        field = (lo + (hi - lo) * noise).astype(np.float32)
+    else:
+        raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
+    starts = [int(rng.integers(0, f - n + 1)) for f, n in zip(fov, data.shape, strict=True)]
+    field[tuple(slice(s, s + n) for s, n in zip(starts, data.shape, strict=True))] = data
+    return Volume(field, np.eye(4), (1.0, 1.0, 1.0), volume.source, volume.patient_id)
+
+
+class ExactPatientSearch:
+    """Exact cosine search over (posed) training embeddings, patient-level max (numpy).
+
+    The benchmark's stand-in for the hnswlib index: the same patient-level maximum, no graph,
+    so the numbers measure the encoder and the windows, not the index's recall.
+    """
+
+    def __init__(self, vectors: np.ndarray, patient_ids: list[str]) -> None:
+        self._vectors = vectors.astype(np.float64)
+        self._pids = np.asarray(patient_ids)
+        self._unique, self._inverse = np.unique(self._pids, return_inverse=True)
+
+    def neighbours(self, queries: np.ndarray, k: int) -> list[Any]:
+        """(M, D) unit vectors -> M :class:`gate.values.Neighbours`."""
+        from gate.values import Neighbours
+
+        sims = queries.astype(np.float64) @ self._vectors.T
+        per_patient = np.full((len(queries), len(self._unique)), -2.0)
+        np.maximum.at(per_patient, (slice(None), self._inverse), sims)
+        out = []
+        for row in per_patient:
+            order = np.argsort(-row)[:k]
+            out.append(
+                Neighbours(
+                    tuple(str(self._unique[i]) for i in order),
+                    np.clip(row[order], -1.0, 1.0).astype(np.float64),
+                )
+            )
+        return out
+
+
+def partial_copy_family(
+    train_raw: list[Volume],
+    holdout_raw: list[Volume],
+    embed: Callable[[np.ndarray], np.ndarray],
+    cfg: PreprocessConfig,
+    poses: PoseSet,
+    fov: tuple[int, int, int] = PARTIAL_FOV_MM,
+    backgrounds: tuple[str, ...] = BACKGROUNDS,
+    seed: int = 0,
+    max_positives: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Partial copies: training volumes at random positions in a larger field of view, judged by windows.
+
+    Each training volume (positives) and each holdout volume (negatives, placed the same way)
+    is pasted into ``fov`` on each background and judged by :func:`gate.windows.judge_windows`
+    against the training volumes indexed under ``poses`` (exact search). Threshold: the
+    :data:`THRESHOLD_PERCENTILE` percentile of the negatives' scores per background.
+
+    Returns:
+        ``{"fov", "n_positives", "n_negatives", "backgrounds": {bg: metrics + "windows_mean"}}``.
+
+    """
+    from gate.index import embed_volumes
+    from gate.windows import judge_windows
+
+    say = progress or (lambda _m: None)
+
+    class _Model:
+        sha256 = "benchmark"
+        preprocess = cfg
+
+        def __init__(self) -> None:
+            self.dim = int(embed(np.zeros((1, 1, *cfg.grid), np.float32)).shape[1])
+
+        def embed_array(self, batch: np.ndarray) -> np.ndarray:
+            return embed(batch)
+
+    model = _Model()
+    ref = [p.embedding.vector for p in embed_volumes(train_raw, model, poses)]  # type: ignore[arg-type]
+    search = ExactPatientSearch(np.stack(ref), [v.patient_id for v in train_raw for _ in range(len(poses))])
+
+    def judge(views: list[Volume]) -> list[Any]:
+        probes = embed_volumes(views, model)  # type: ignore[arg-type]
+        return search.neighbours(np.stack([p.embedding.vector for p in probes]), 1)
+
+    positives = train_raw if max_positives is None else train_raw[:max_positives]
+    result: dict[str, Any] = {
+        "fov": list(fov),
+        "n_positives": len(positives),
+        "n_negatives": len(holdout_raw),
+        "poses": len(poses),
+        "backgrounds": {},
+    }
+    for b, background in enumerate(backgrounds):
+        scores: dict[str, list[float]] = {"pos": [], "neg": []}
+        windows: list[int] = []
+        hits = 0
+        for kind, vols in (("pos", positives), ("neg", holdout_raw)):
+            for i, vol in enumerate(vols):
+                placed = place(vol, fov, background, seed + 7919 * b + 104729 * (kind == "neg") + i)
+                res = judge_windows(placed, cfg, judge, 1)
+                scores[kind].append(float(res.neighbours.similarities[0]))
+                windows.append(res.n_windows)
+                if kind == "pos" and res.neighbours.patient_ids[0] == vol.patient_id:
+                    hits += 1
+        pos, neg = np.asarray(scores["pos"]), np.asarray(scores["neg"])
+        thr = float(np.percentile(neg, THRESHOLD_PERCENTILE))
+        metrics = family_metrics(pos, neg, thr)
+        metrics.update(
+            threshold=thr,
+            source_is_nearest=hits / max(1, len(pos)),
+            windows_mean=float(np.mean(windows)),
+            pos_min=float(pos.min()),
+            neg_max=float(neg.max()),
+        )
+        result["backgrounds"][background] = metrics
+        say(
+            f"partial copy ({background}): TPR@5% {metrics['tpr_at_fpr_5pct']:.3f}, AUROC "
+            f"{metrics['auroc']:.4f}, source nearest {metrics['source_is_nearest']:.3f}, "
+            f"{metrics['windows_mean']:.0f} windows per candidate"
+        )
+    return result

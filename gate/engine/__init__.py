@@ -190,27 +190,64 @@ class Judged:
     provider: str
 
 
-def split_in_domain(items: Sequence[Item], index: Searcher) -> tuple[list[Item], list[InputError]]:
-    """Keep the items the index can judge; the rest become one-line :class:`DomainError` s.
+def split_in_domain(
+    items: Sequence[Item], index: Searcher
+) -> tuple[list[Item], list[bool], list[InputError]]:
+    """Keep the items the index can judge and say which are judged by windows; refuse the rest.
 
     Checked before anything is preprocessed or embedded (:func:`gate.domain.check_in_domain`).
     Items whose ``ref`` is not a :class:`~gate.values.Volume` (Ray chunks) are kept here: the
-    Ray engine checks them in its read tasks and returns the refusals after the read errors.
+    Ray engine checks them in its read tasks (refusing any that would need windows) and returns
+    the refusals after the read errors.
+
+    Returns:
+        The kept items, per kept item whether it is judged by windows (:mod:`gate.windows`),
+        and one :class:`DomainError` per refused item.
+
     """
     from gate.domain import check_in_domain
 
     domain = index.domain
     kept: list[Item] = []
+    windowed: list[bool] = []
     refused: list[InputError] = []
     for item in items:
+        mode = "whole"
         if isinstance(item.ref, Volume):
             try:
-                check_in_domain(item.ref, domain)
+                mode = check_in_domain(item.ref, domain, windows=True)
             except InputError as err:
                 refused.append(err)
                 continue
         kept.append(item)
-    return kept, refused
+        windowed.append(mode == "windows")
+    return kept, windowed, refused
+
+
+def search_items(
+    engine: Engine, index: Searcher, items: Sequence[Item], windowed: Sequence[bool], k: int
+) -> list[Neighbours]:
+    """Neighbours of every item, in order: whole items embedded together, the others by windows."""
+    from gate.poses import IDENTITY_ONLY
+    from gate.windows import judge_windows
+
+    whole = [it for it, w in zip(items, windowed, strict=True) if not w]
+    probes = engine.embed(whole)
+    found = iter(index.search_many([p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=k))
+
+    def judge_views(views: list[Volume]) -> list[Neighbours]:
+        view_probes = engine.embed_volumes(views, IDENTITY_ONLY)
+        return index.search_many(
+            [p.embedding for p in view_probes], [p.voxel_sha256 for p in view_probes], k=k
+        )
+
+    out: list[Neighbours] = []
+    for item, w in zip(items, windowed, strict=True):
+        if w:
+            out.append(judge_windows(item.ref, engine.encoder.preprocess, judge_views, k).neighbours)
+        else:
+            out.append(next(found))
+    return out
 
 
 JUDGE_CHUNK = 512
@@ -323,16 +360,13 @@ def judge_items(
         problem: the audit text of an unreadable input (names no file).
 
     """
-    items, refused = split_in_domain(items, index)
+    items, windowed, refused = split_in_domain(items, index)
     errors = [*errors, *refused]
     provider = engine.provider
     for err in errors:
         audit.append(AuditEntry.for_error(run_id, problem(err), policy.id, policy.sha256, provider))
     try:
-        probes = engine.embed(items)
-        neighbours = index.search_many(
-            [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
-        )
+        neighbours = search_items(engine, index, items, windowed, policy.policy.k)
         decisions = [decide(n, policy, index.calibration) for n in neighbours]
     except Exception as err:
         shas = [it.candidate_sha256 for it in items]

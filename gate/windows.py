@@ -1,0 +1,235 @@
+"""Whole-field-of-view judging: windows of the index's grid over a candidate larger than it.
+
+An index is built from training volumes preprocessed to a fixed grid (32x48x32 voxels at 1 mm
+for the shipped one). A candidate with a larger field of view would otherwise be judged on its
+central crop, so a training volume pasted anywhere else in it (a partial copy) is never looked
+at. When the index was built to judge such candidates (``gate index build --window-fov``,
+recorded as :attr:`gate.domain.Domain.window_fov_mm`), the candidate is judged on windows:
+
+1. orient and resample it as the preprocessing does (raw intensities kept, so each window is
+   normalised on its own, as a training volume is);
+2. a lattice of grid-sized windows covering every voxel (stride :data:`STRIDE_FRACTION` of the
+   grid, the last window flush with the far side), plus the central crop (the view the index
+   would judge without windows, so windows can only add evidence, never remove it);
+3. every window is embedded and searched; the :data:`REFINE_TOP` best windows (by their nearest
+   patient) are refined by coordinate descent over shifts of :data:`REFINE_STEPS` grid
+   fractions, so a copy sitting between two lattice positions is met almost aligned;
+4. the candidate's neighbours are the patient-level maximum over every window judged.
+
+Pure numpy + scipy (``gate check`` needs no torch); the embedding and the search are passed in,
+so the local engine, the Python API and the benchmark run the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gate.errors import DomainError
+from gate.preprocess import PreprocessConfig, resample, to_canonical
+from gate.values import Neighbours, Volume
+
+STRIDE_FRACTION = 0.25
+"""Lattice stride as a fraction of the grid per axis (8x12x8 voxels for 32x48x32): a copy is at
+most 4x6x4 voxels off its nearest lattice window, inside the shifts the index poses cover.
+Chosen on the validation patients of ``bench/partial_copy.py`` against 0.5 (which leaves copies
+up to 8x12x8 voxels off and lost some of them)."""
+
+REFINE_TOP = 3
+"""Lattice windows refined per candidate (the best by nearest-patient similarity)."""
+
+REFINE_STEPS: tuple[float, ...] = (0.125, 0.0625, 0.0)
+"""Coordinate-descent step sizes as fractions of the grid per axis (0 means one voxel): 4, 2, 1
+voxels along X for the 32-voxel grid."""
+
+REFINE_ROUNDS = 3
+"""Descent moves tried per step size before going finer."""
+
+MAX_WINDOWS = 20_000
+"""A candidate needing more windows than this is refused (fail closed, bounded time): about 40 s
+of embedding on two CPU cores (2 ms per 32x48x32 window)."""
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """What window judging found for one candidate.
+
+    Attributes:
+        neighbours: patient-level maximum over every window judged.
+        n_windows: windows embedded and searched (lattice + centre + refinement).
+        best_start: voxel offset (X, Y, Z) of the best window in the oriented, resampled grid.
+
+    """
+
+    neighbours: Neighbours
+    n_windows: int
+    best_start: tuple[int, int, int]
+
+
+def oriented(volume: Volume, config: PreprocessConfig) -> Volume:
+    """The candidate oriented and resampled as the preprocessing does, raw intensities kept."""
+    if config.canonical_orientation:
+        volume = to_canonical(volume)
+    return resample(volume, config.spacing_mm)
+
+
+def needs_windows(shape: Sequence[int], grid: Sequence[int]) -> bool:
+    """True when a resampled shape exceeds the grid on some axis (a crop would cut anatomy)."""
+    return any(int(n) > int(g) for n, g in zip(shape, grid, strict=True))
+
+
+def lattice(
+    shape: Sequence[int], grid: Sequence[int], stride_fraction: float = STRIDE_FRACTION
+) -> list[tuple[int, int, int]]:
+    """Window starts covering every voxel of ``shape``, plus the centred window.
+
+    Args:
+        shape: (X, Y, Z) voxels of the oriented, resampled candidate.
+        grid: window size (X, Y, Z).
+        stride_fraction: stride per axis as a fraction of ``grid`` (>= 1 voxel).
+
+    Returns:
+        Distinct (x, y, z) starts, the centred window first; a window never leaves ``shape``
+        on an axis where the shape is at least the grid (smaller axes start at 0 and are padded).
+
+    """
+    axes = []
+    centre = []
+    for n, g in zip(shape, grid, strict=True):
+        last = max(0, int(n) - int(g))
+        step = max(1, round(g * stride_fraction))
+        starts = list(range(0, last + 1, step))
+        if starts[-1] != last:
+            starts.append(last)
+        axes.append(starts)
+        centre.append(last // 2)
+    out = [tuple(centre)]
+    seen = {out[0]}
+    for x in axes[0]:
+        for y in axes[1]:
+            for z in axes[2]:
+                s = (x, y, z)
+                if s not in seen:
+                    seen.add(s)
+                    out.append(s)
+    return out  # type: ignore[return-value]
+
+
+def count_windows(shape: Sequence[int], grid: Sequence[int]) -> int:
+    """Number of lattice windows (with the centre) for ``shape``, without building them."""
+    n = 1
+    for s, g in zip(shape, grid, strict=True):
+        last = max(0, int(s) - int(g))
+        step = max(1, round(g * STRIDE_FRACTION))
+        n *= len(range(0, last + 1, step)) + (last % step != 0)
+    return n + 1
+
+
+def cut(base: Volume, start: Sequence[int], grid: Sequence[int]) -> Volume:
+    """The grid-sized window at ``start`` (zero-padded where the candidate is smaller than the grid).
+
+    Returns:
+        A raw-intensity Volume of shape ``grid`` whose affine places it where it lies in the
+        candidate (world coordinates preserved).
+
+    """
+    data = np.zeros(tuple(int(g) for g in grid), dtype=np.float32)
+    src = tuple(slice(s, s + g) for s, g in zip(start, grid, strict=True))
+    piece = base.data[src]
+    data[tuple(slice(0, n) for n in piece.shape)] = piece
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return Volume(
+        data=data,
+        affine=base.affine @ shift,
+        spacing=base.spacing,
+        source=base.source,
+        patient_id=base.patient_id,
+    )
+
+
+def max_over_views(parts: Sequence[Neighbours], k: int) -> Neighbours:
+    """Patient-level maximum over several views of one candidate, top ``k`` patients."""
+    best: dict[str, float] = {}
+    for n in parts:
+        for pid, s in zip(n.patient_ids, n.similarities, strict=True):
+            best[pid] = max(best.get(pid, -2.0), float(s))
+    ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:k]
+    return Neighbours(
+        patient_ids=tuple(pid for pid, _ in ranked),
+        similarities=np.asarray([s for _, s in ranked], dtype=np.float64),
+        exact_duplicate=any(n.exact_duplicate for n in parts),
+    )
+
+
+Judge = Callable[[list[Volume]], list[Neighbours]]
+"""Embed and search raw-intensity grid-sized windows (preprocessed like any candidate), in order."""
+
+
+def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int) -> WindowResult:
+    """Judge every part of a candidate larger than the grid (see the module docstring).
+
+    Args:
+        volume: the candidate as read, any shape.
+        config: the index's (encoder's) preprocessing; ``fov`` must be ``crop``.
+        judge: embeds and searches a list of windows (:data:`Judge`).
+        k: neighbours kept (the policy's ``k``).
+
+    Returns:
+        The patient-level maximum over every window, the window count and the best window.
+
+    Raises:
+        DomainError: ``config.fov`` is ``fit`` (the whole field of view is already one view) or
+            the candidate needs more than :data:`MAX_WINDOWS` windows.
+
+    """
+    if config.fov != "crop":
+        raise DomainError(volume.source, "window judging needs fov: crop; a fov: fit index judges one view")
+    base = oriented(volume, config)
+    grid = config.grid
+    shape = base.data.shape[:3]
+    if count_windows(shape, grid) > MAX_WINDOWS:
+        raise DomainError(
+            volume.source,
+            f"{count_windows(shape, grid)} windows of {'x'.join(map(str, grid))} needed, more than "
+            f"{MAX_WINDOWS}; judge it with an index of a coarser grid",
+        )
+    limits = [max(0, int(n) - int(g)) for n, g in zip(shape, grid, strict=True)]
+    found: dict[tuple[int, int, int], Neighbours] = {}
+
+    def visit(starts: Sequence[tuple[int, int, int]]) -> None:
+        new = list(dict.fromkeys(s for s in starts if s not in found))
+        if new:
+            for s, nb in zip(new, judge([cut(base, s, grid) for s in new]), strict=True):
+                found[s] = nb
+
+    def top1(s: tuple[int, int, int]) -> float:
+        return float(found[s].similarities[0])
+
+    visit(lattice(shape, grid))
+    current = sorted(found, key=top1, reverse=True)[:REFINE_TOP]
+    for fraction in REFINE_STEPS:
+        steps = [max(1, round(g * fraction)) for g in grid]
+        for _ in range(REFINE_ROUNDS):
+            moves: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
+            for s in current:
+                nxt = []
+                for axis in range(3):
+                    for sign in (-1, 1):
+                        t = list(s)
+                        t[axis] = min(limits[axis], max(0, t[axis] + sign * steps[axis]))
+                        nxt.append((t[0], t[1], t[2]))
+                moves[s] = nxt
+            visit([t for nxt in moves.values() for t in nxt])
+            moved = False
+            for i, s in enumerate(current):
+                best = max(moves[s], key=top1)
+                if top1(best) > top1(s):
+                    current[i] = best
+                    moved = True
+            if not moved:
+                break
+    best_start = max(found, key=top1)
+    return WindowResult(max_over_views(list(found.values()), k), len(found), best_start)
