@@ -1,18 +1,20 @@
-"""The Ray engine: read + preprocess as Ray tasks, embed in onnxruntime actors, search in shard actors.
+"""The Ray engine: read + preprocess on ray.data, embed in onnxruntime actors, search in shard actors.
 
 Stages (the driver is this process)::
 
-    discover (driver) -> read + preprocess + hash (tasks, ``batch_size`` sources each; the grids
-    stay in the object store) -> embed (EmbedActor pool, one gate.embed.Encoder each; CPU or
-    ``num_gpus`` with CUDA checked) -> search (one ShardActor per index shard, each a verified
-    TrainingIndex; answers merged by gate.shards.merge_neighbours) -> decide + audit (driver, in
-    input order, one writer).
+    discover (driver) -> read + domain check + preprocess + hash (a ray.data Dataset: one
+    map_batches task per ``batch_size`` sources, materialized; the grids stay in its blocks in
+    the object store) -> embed (EmbedActor pool, one gate.embed.Encoder each, fed the blocks by
+    reference; CPU or ``num_gpus`` with CUDA checked) -> search (one ShardActor per index shard,
+    each a verified TrainingIndex; answers merged by gate.shards.merge_neighbours) -> decide +
+    audit (driver, in input order, one writer).
 
 Fault handling: actors restart (``max_restarts``) and their calls are retried
-(``max_task_retries``); every call is idempotent, and nothing is recorded before every answer is
-in, so a retried call can neither lose nor double a record. When the retries run out the run fails
-closed with :class:`gate.errors.WorkerError` and :func:`gate.engine.judge` writes one error
-record per candidate.
+(``max_task_retries``); read tasks are retried on a worker's death (Ray's default for tasks);
+every call is idempotent, and nothing is recorded before every answer is in, so a retried call
+can neither lose nor double a record. When the retries run out the run fails closed with
+:class:`gate.errors.WorkerError` and :func:`gate.engine.judge` writes one error record per
+candidate.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import ray
+import ray.data
+from ray.data.block import BlockAccessor
 from ray.exceptions import RayError, RayTaskError
 from ray.util import ActorPool
 
@@ -63,46 +67,109 @@ MAX_RESTARTS = 2
 CUDA = "CUDAExecutionProvider"
 
 READ_TASK_CPUS = 0
-"""CPUs a read + preprocess task reserves. Zero: the actors' reservations must never starve the
-reads of a later :data:`gate.engine.JUDGE_CHUNK` (a deadlock, not an error); the number of reads
-in flight is bounded by one chunk's ``JUDGE_CHUNK / batch_size`` tasks instead."""
+"""CPUs a ray.data read + preprocess task reserves. Zero: the embedding actors hold theirs for the
+whole run, so once ``--workers`` actors fill a node, a CPU-reserving read of the next
+:data:`gate.engine.JUDGE_CHUNK` would wait forever (measured: ``gate check`` of 10,000 candidates
+with 2 actors on 2 CPUs hung at chunk 2). The reads in flight are bounded by :func:`read_tasks`
+instead; reading and embedding alternate per chunk, so they do not compete."""
+
+VOLUME, UNREADABLE, OUTSIDE = "volume", "unreadable", "outside"
+"""What a row of the read Dataset holds: a volume and its grid, or a source that could not be
+read, or a volume outside the index's domain (both with a zero grid, never embedded)."""
+
+META = ("pos", "sub", "kind", "source", "candidate_sha256", "voxel_sha256", "problem")
+"""The read Dataset's columns besides ``grid``; the driver fetches only these."""
 
 
-def _read_chunk(
-    sources: list[str], options: ReadOptions, preprocess: PreprocessConfig, domain: Domain | None
-) -> tuple[tuple[list[tuple[str, str, str]], list[tuple[str, str]], list[tuple[str, str]]], np.ndarray]:
-    """Read, check the domain, preprocess (identity pose) and hash some sources.
+def read_tasks() -> int:
+    """Read tasks in flight at once: one per CPU of the cluster (what a 1-CPU reservation would allow)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _read_batch(
+    batch: dict[str, np.ndarray], options: ReadOptions, preprocess: PreprocessConfig, domain: Domain | None
+) -> dict[str, np.ndarray]:
+    """The ray.data read stage: read, check the domain, preprocess (identity pose) and hash.
+
+    Args:
+        batch: ``pos`` (the source's position in the chunk) and ``source`` (its path) per source.
+        options: how to read.
+        preprocess: the encoder's preprocessing.
+        domain: the index's domain.
 
     Returns:
-        ((source, candidate sha256, voxel sha256) per volume, (path, problem) per unreadable
-        source, (path, problem) per volume outside the index's domain), and the (n, 1, X, Y, Z)
-        float32 grids.
+        One row per volume (``kind`` :data:`VOLUME`, its (1, X, Y, Z) float32 ``grid``), per
+        unreadable source and per volume outside the domain (``problem`` set, zero grid):
+        columns :data:`META` + ``grid``; ``sub`` numbers the volumes of one source.
 
     """
     from gate.domain import check_in_domain
 
-    rows: list[tuple[str, str, str]] = []
-    errors: list[tuple[str, str]] = []
-    refused: list[tuple[str, str]] = []
-    grids: list[np.ndarray] = []
-    for source in sources:
+    cols: dict[str, list[Any]] = {name: [] for name in (*META, "grid")}
+    zeros = np.zeros((1, *preprocess.grid), np.float32)
+
+    def row(
+        pos: int, sub: int, kind: str, source: str, cand: str, voxel: str, problem: str, grid: np.ndarray
+    ) -> None:
+        for name, value in zip(
+            (*META, "grid"), (pos, sub, kind, source, cand, voxel, problem, grid), strict=True
+        ):
+            cols[name].append(value)
+
+    for pos, source in zip(batch["pos"].tolist(), batch["source"].tolist(), strict=True):
         try:
             vols = read_volumes(Path(source), options)
         except InputError as err:
-            errors.append((err.path, err.problem))
+            row(pos, 0, UNREADABLE, err.path, "", "", err.problem, zeros)
             continue
-        for vol in vols:
+        for sub, vol in enumerate(vols):
             try:
                 check_in_domain(vol, domain)
             except InputError as err:
-                refused.append((err.path, err.problem))
+                row(pos, sub, OUTSIDE, err.path, "", "", err.problem, zeros)
                 continue
             (grid,) = posed_grids(vol, preprocess, IDENTITY_ONLY)
-            rows.append((vol.source, sha256_voxels(vol.data), sha256_voxels(grid)))
-            grids.append(grid)
-    shape = (0, 1, *preprocess.grid)
-    batch = np.stack(grids)[:, None].astype(np.float32) if grids else np.zeros(shape, np.float32)
-    return (rows, errors, refused), batch
+            grid = grid.astype(np.float32, copy=False)
+            row(pos, sub, VOLUME, vol.source, sha256_voxels(vol.data), sha256_voxels(grid), "", grid[None])
+    out = {name: np.asarray(cols[name]) for name in META}
+    out["grid"] = np.stack(cols["grid"]) if cols["grid"] else np.zeros((0, *zeros.shape), np.float32)
+    return out
+
+
+def _gate_cause(err: BaseException) -> GateError | None:
+    """The gate error a Ray or ray.data failure wraps, if any (raised remotely, re-raised here)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, GateError):
+            return e
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
+RAY_DATA_CONSOLE_LEVEL = logging.ERROR
+"""ray.data's console log level under gate: its INFO lines (each execution's start and end) and
+the WARNING that the cluster has no free CPU (by design: :data:`READ_TASK_CPUS`) would interleave
+with gate's report; everything still goes to the session's ``ray-data.log``."""
+
+
+def _quiet_ray_data() -> None:
+    """Raise ray.data's console handlers to :data:`RAY_DATA_CONSOLE_LEVEL` (its file log is kept)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(RAY_DATA_CONSOLE_LEVEL)
+
+
+def _quiet(context: ray.data.DataContext) -> None:
+    """No progress bars, execution banners or stats logs for one Dataset (its own context copy)."""
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
 
 
 class EmbedActor:
@@ -127,6 +194,20 @@ class EmbedActor:
     def embed_array(self, batch: np.ndarray) -> np.ndarray:
         """:meth:`gate.embed.Encoder.embed_array`."""
         return self.encoder.embed_array(batch)
+
+    def embed_block(self, block: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Embed the :data:`VOLUME` rows of one block of the read Dataset.
+
+        Returns:
+            (n, 2) int64 (``pos``, ``sub``) keys and the (n, D) float32 embeddings, in block order.
+
+        """
+        rows = BlockAccessor.for_block(block).to_batch_format("numpy")
+        keep = rows["kind"] == VOLUME
+        keys = np.stack([rows["pos"][keep], rows["sub"][keep]], axis=1).astype(np.int64)
+        if not keep.any():
+            return keys, np.zeros((0, self.encoder.dim), np.float32)
+        return keys, self.encoder.embed_array(np.ascontiguousarray(rows["grid"][keep], np.float32))
 
     def embed_volumes(self, volumes: list[Volume], poses: PoseSet) -> list[Probe]:
         """:func:`gate.index.embed_volumes` on this actor's encoder."""
@@ -243,14 +324,11 @@ class RayEngine:
                 ) from err
         self._embedders: list[Any] = []
         self._provider: str | None = None
-        self._chunks: list[Any] = []
+        self._blocks: list[Any] = []
         self._shard_actors: list[Any] = []
         self._index: RayIndex | None = None
         self.encoder = RemoteEncoder(self, encoder)
-        # Read tasks reserve no CPU: the embedding actors hold theirs for the whole run, so once
-        # --workers actors fill a node, a CPU-reserving read of the next chunk would wait forever
-        # (measured: gate check of 10,000 candidates with 2 actors on 2 CPUs hung at chunk 2).
-        self._read = ray.remote(num_returns=2, max_retries=MAX_RESTARTS, num_cpus=READ_TASK_CPUS)(_read_chunk)
+        _quiet_ray_data()
 
     # -- embedding actors -------------------------------------------------------------------
     def _pool(self) -> list[Any]:
@@ -289,9 +367,13 @@ class RayEngine:
 
     def map_embed(self, batch_refs: list[Any]) -> list[np.ndarray]:
         """Embed each batch on the pool; results in order."""
+        return self._map_pool(lambda a, ref: a.embed_array.remote(ref), batch_refs)
+
+    def _map_pool(self, call: Any, values: list[Any]) -> list[Any]:
+        """``call(actor, value)`` for each value on the embedding pool; results in order."""
         pool = ActorPool(self._pool())
         try:
-            return list(pool.map(lambda a, ref: a.embed_array.remote(ref), batch_refs))
+            return list(pool.map(call, values))
         except RayTaskError as err:
             if isinstance(err.cause, GateError):
                 raise err.cause from None
@@ -304,7 +386,13 @@ class RayEngine:
 
     # -- stages -----------------------------------------------------------------------------
     def read(self, paths: Sequence[Path], options: ReadOptions) -> tuple[list[Item], list[InputError]]:
-        """Discover here; read, preprocess and hash in tasks of ``batch_size`` sources."""
+        """Discover here; read, check, preprocess and hash on ray.data, ``batch_size`` sources a task.
+
+        The Dataset is materialized: its blocks (grids included) stay in the object store for
+        :meth:`embed`; only the :data:`META` columns come to the driver.
+        """
+        if self._index is None:
+            raise UsageError("open the index before reading: the read tasks check its domain")
         errors: list[InputError] = []
         sources: list[str] = []
         for path in paths:
@@ -312,37 +400,63 @@ class RayEngine:
                 sources.extend(str(s) for s in discover([path]))
             except InputError as err:
                 errors.append(err)
+        self._blocks = []
+        if not sources:
+            return [], errors
         size = self.config.batch_size
-        pre = self._driver_encoder.preprocess
-        opts_ref = ray.put(options)
-        if self._index is None:
-            raise UsageError("open the index before reading: the read tasks check its domain")
-        dom_ref = ray.put(self._index.domain)
-        refs = [
-            self._read.remote(sources[i : i + size], opts_ref, pre, dom_ref)
-            for i in range(0, len(sources), size)
-        ]
-        metas = _get([m for m, _ in refs])
-        self._chunks = [g for _, g in refs]
+        rows = [{"pos": i, "source": s} for i, s in enumerate(sources)]
+        n_blocks = -(-len(rows) // size)
+        ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+        _quiet(ds.context)
+        kwargs = {
+            "options": options,
+            "preprocess": self._driver_encoder.preprocess,
+            "domain": self._index.domain,
+        }
+        try:
+            read = ds.map_batches(
+                _read_batch,
+                batch_size=size,
+                batch_format="numpy",
+                fn_kwargs=kwargs,
+                compute=ray.data.TaskPoolStrategy(size=min(read_tasks(), n_blocks)),
+                num_cpus=READ_TASK_CPUS,
+            ).materialize()
+            self._blocks = [ref for bundle in read.iter_internal_ref_bundles() for ref in bundle.block_refs]
+            meta = read.select_columns(list(META), num_cpus=0).take_all()
+        except Exception as err:  # ray.data wraps a task's failure in its own exceptions
+            cause = _gate_cause(err)
+            if cause is not None:
+                raise cause from None
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise WorkerError(f"a Ray read task failed ({first}); nothing was exported") from err
+        meta.sort(key=lambda r: (r["pos"], r["sub"]))
         items: list[Item] = []
         refused: list[InputError] = []
-        for c, (rows, errs, outside) in enumerate(metas):
-            errors.extend(InputError(path, problem) for path, problem in errs)
-            refused.extend(DomainError(path, problem) for path, problem in outside)
-            for r, (source, cand_sha, voxel_sha) in enumerate(rows):
-                items.append(Item(source, cand_sha, (c, r, voxel_sha)))
+        for r in meta:
+            source, problem = str(r["source"]), str(r["problem"])
+            if r["kind"] == UNREADABLE:
+                errors.append(InputError(source, problem))
+            elif r["kind"] == OUTSIDE:
+                refused.append(DomainError(source, problem))
+            else:
+                key = (int(r["pos"]), int(r["sub"]), str(r["voxel_sha256"]))
+                items.append(Item(source, str(r["candidate_sha256"]), key))
         return items, [*errors, *refused]
 
     def embed(self, items: Sequence[Item]) -> list[Probe]:
-        """Embed the grids of the last :meth:`read` on the actor pool (identity pose)."""
+        """Embed the grids of the last :meth:`read` on the actor pool, block by block (identity pose)."""
         if not items:
             return []
-        used = sorted({it.ref[0] for it in items})
-        vectors = dict(zip(used, self.map_embed([self._chunks[c] for c in used]), strict=True))
+        vectors: dict[tuple[int, int], np.ndarray] = {}
+        for keys, vecs in self._map_pool(lambda a, ref: a.embed_block.remote(ref), self._blocks):
+            vectors.update(zip(map(tuple, keys.tolist()), vecs, strict=True))
         probes = []
         for it in items:
-            c, r, voxel_sha = it.ref
-            vec = vectors[c][r]
+            pos, sub, voxel_sha = it.ref
+            vec = vectors.get((pos, sub))
+            if vec is None:
+                raise IntegrityError(f"{it.source}: not in the last read on Ray; read it before embedding")
             try:
                 emb = Embedding(vector=vec, encoder_sha256=self.encoder.sha256, source=it.source)
             except ValueError as err:
@@ -412,7 +526,7 @@ class RayEngine:
         """Stop the actors; shut Ray down if this engine started it."""
         for actor in [*self._embedders, *self._shard_actors]:
             ray.kill(actor, no_restart=True)
-        self._embedders, self._shard_actors, self._chunks = [], [], []
+        self._embedders, self._shard_actors, self._blocks = [], [], []
         if self._owns_ray:
             ray.shutdown()
 
