@@ -40,7 +40,14 @@ from gate.digest import sha256_file
 from gate.domain import Domain
 from gate.errors import IntegrityError, UsageError
 from gate.index import DEFAULT_K, DEFAULT_SEED, Probe, TrainingIndex, build_index
-from gate.index_manifest import INDEX_FILE, MANIFEST_FILE, VECTORS_FILE, EmbeddingModel, IndexManifest
+from gate.index_manifest import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    VECTORS_FILE,
+    EmbeddingModel,
+    IndexManifest,
+    read_manifest,
+)
 from gate.poses import IDENTITY_ONLY, PoseSet
 from gate.values import Embedding, Neighbours
 
@@ -461,6 +468,18 @@ def shard_dirs(index_dir: Path) -> list[Path]:
     manifest = read_shard_set(index_dir)
     verify_shard_files(index_dir, manifest)
     return [index_dir / e.name for e in manifest.shards]
+
+
+def index_encoder_sha256(index_dir: Path) -> str:
+    """The ONNX digest of the encoder an index was built with (``shards.json``'s for a set).
+
+    Raises:
+        IntegrityError: the set's or the index's manifest is unreadable or invalid.
+
+    """
+    if is_sharded(index_dir):
+        return read_shard_set(index_dir).encoder_sha256
+    return read_manifest(index_dir).encoder_sha256
 
 
 def load_index(index_dir: Path, encoder: EmbeddingModel) -> TrainingIndex | ShardedIndex:

@@ -172,3 +172,31 @@ def test_cli_sharded_build_check_and_exit_3(tmp_path: Path, monkeypatch: pytest.
     result = runner.invoke(main, ["check", str(train), "--index", str(tmp_path / "sharded")])
     assert result.exit_code == 3
     assert "shard-000/manifest.json: missing" in result.output
+
+
+def test_sharded_build_keeps_and_finds_its_encoder_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As an unsharded index, a shard set keeps INDEX/encoder/ and is found by shards.json's digest."""
+    from gate.cli.index import encoder_for_index
+    from gate.embed import DEFAULT_ENCODER_DIR
+
+    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    monkeypatch.setenv("GATE_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    enc = shutil.copytree(DEFAULT_ENCODER_DIR, tmp_path / "enc")  # the real ONNX encoder, moved
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(6):
+        write_nifti(train / f"case_{i}.nii.gz", make_blob((16, 16, 16), seed=i))
+    out = tmp_path / "sharded"
+    args = ["index", "build", "--data", str(train), "--out", str(out), "--poses", "none", "--shards", "2"]
+    result = CliRunner().invoke(main, [*args, "--encoder", str(enc)])
+    assert result.exit_code == 0, result.output
+    for name in ("encoder.json", "encoder.onnx"):
+        assert (out / "encoder" / name).read_bytes() == (enc / name).read_bytes()
+    assert encoder_for_index(None, out) == out / "encoder"  # shards.json's digest names the copy
+    shutil.rmtree(enc)
+    check = ["check", str(train / "case_1.nii.gz"), "--index", str(out), "--json", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(main, check)
+    assert result.exit_code == 1, result.output  # the set (with encoder/ inside) loads and rejects the copy
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["reject"] == 1

@@ -62,19 +62,20 @@ def encoder_for_index(encoder_dir: Path | None, index_dir: Path) -> Path | None:
     """The encoder folder to use with ``index_dir``: ``--encoder`` when given, else the index's own.
 
     Without ``--encoder``, the index's copy (``index_dir/encoder/``) is used when its
-    ``encoder.json`` names the ONNX digest the index manifest records, else the shipped encoder
-    (None) when it does: so ``--encoder`` is needed only when the index's encoder moved. No
-    match leaves the default, and loading the index then refuses it with the digest mismatch.
-    The chosen encoder is still verified (its ONNX bytes hashed) by :class:`gate.embed.Encoder`.
+    ``encoder.json`` names the ONNX digest the index manifest (a shard set's ``shards.json``)
+    records, else the shipped encoder (None) when it does: so ``--encoder`` is needed only when
+    the index's encoder moved. No match leaves the default, and loading the index then refuses it
+    with the digest mismatch. The chosen encoder is still verified (its ONNX bytes hashed) by
+    :class:`gate.embed.Encoder`.
     """
     if encoder_dir is not None:
         return encoder_dir
     from gate.embed import DEFAULT_ENCODER_DIR
     from gate.embed import read_manifest as read_encoder_manifest
-    from gate.index_manifest import read_manifest as read_index_manifest
+    from gate.shards import index_encoder_sha256
 
     try:
-        wanted = read_index_manifest(index_dir).encoder_sha256
+        wanted = index_encoder_sha256(index_dir)
     except IntegrityError:
         return None  # the index load reports it
     for place in (index_dir / INDEX_ENCODER_DIR, DEFAULT_ENCODER_DIR):
@@ -298,6 +299,7 @@ def _build_on(
             eng.mapper,
             domain,
         )
+        keep_encoder_copy(encoder, encoder_dir, out_dir)
         click.echo(f"index: {out_dir} ({shards} shards)")
         click.echo(
             f"  volumes {len(volumes)}, rows {sharded.count}, patients {sharded.n_patients}, "
