@@ -175,21 +175,34 @@ def embed_volumes(
 
 def _embed_batch(posed: Sequence[tuple[Volume, np.ndarray]], encoder: EmbeddingModel) -> list[Probe]:
     """Embed one batch of (volume, preprocessed grid) pairs; hash each grid."""
-    chunk = [vol for vol, _ in posed]
-    grids = [grid for _, grid in posed]
+    return embed_grids([grid for _, grid in posed], encoder, [vol.source for vol, _ in posed])
+
+
+def embed_grids(grids: Sequence[np.ndarray], encoder: EmbeddingModel, sources: Sequence[str]) -> list[Probe]:
+    """Embed preprocessed grids (one encoder call) and hash each: probes ready for search.
+
+    Args:
+        grids: N float32 arrays of shape ``encoder.preprocess.grid``, already preprocessed.
+        encoder: the encoder.
+        sources: where each grid came from (error messages only).
+
+    Raises:
+        IntegrityError: the encoder returned a non-finite or non-unit vector.
+
+    """
     batch = np.stack(grids)[:, None].astype(np.float32, copy=False)
     vectors = np.asarray(encoder.embed_array(batch))
-    if vectors.shape != (len(chunk), encoder.dim) or not np.all(np.isfinite(vectors)):
+    if vectors.shape != (len(grids), encoder.dim) or not np.all(np.isfinite(vectors)):
         raise IntegrityError(
             f"encoder returned {vectors.shape} with non-finite values or a wrong shape; expected "
-            f"({len(chunk)}, {encoder.dim}) finite unit vectors"
+            f"({len(grids)}, {encoder.dim}) finite unit vectors"
         )
     probes = []
-    for vol, grid, vec in zip(chunk, grids, vectors, strict=True):
+    for source, grid, vec in zip(sources, grids, vectors, strict=True):
         try:
-            emb = Embedding(vector=vec.astype(np.float32), encoder_sha256=encoder.sha256, source=vol.source)
+            emb = Embedding(vector=vec.astype(np.float32), encoder_sha256=encoder.sha256, source=source)
         except ValueError as err:
-            raise IntegrityError(f"{vol.source}: encoder output is not a unit vector ({err})") from err
+            raise IntegrityError(f"{source}: encoder output is not a unit vector ({err})") from err
         probes.append(Probe(embedding=emb, voxel_sha256=sha256_voxels(grid)))
     return probes
 

@@ -279,6 +279,11 @@ def preprocess_uncropped(volume: Volume, config: PreprocessConfig) -> Volume:
     volume = resample(volume, config.spacing_mm)
     if config.fov == "fit":
         volume = fit_to_grid(volume, config.grid)
+    return normalize_for(volume, config)
+
+
+def normalize_for(volume: Volume, config: PreprocessConfig) -> Volume:
+    """:func:`normalize_intensity` as ``config`` asks (percentiles, their region, or an HU window)."""
     return normalize_intensity(
         volume,
         config.clip_percentiles,

@@ -6,8 +6,9 @@ central crop, so a training volume pasted anywhere else in it (a partial copy) i
 at. When the index was built to judge such candidates (``gate index build --window-fov``,
 recorded as :attr:`gate.domain.Domain.window_fov_mm`), the candidate is judged on windows:
 
-1. orient and resample it as the preprocessing does (raw intensities kept, so each window is
-   normalised on its own, as a training volume is);
+1. orient and resample it as the preprocessing does (raw intensities kept), then normalise each
+   window on its own (:func:`gate.preprocess.normalize_for`), as a training volume is: a window
+   on the grid needs no other step of :func:`gate.preprocess.preprocess`;
 2. a lattice of grid-sized windows covering every voxel (stride :data:`STRIDE_FRACTION` of the
    grid, the last window flush with the far side), plus the central crop (the view the index
    would judge without windows, so windows can only add evidence, never remove it);
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gate.errors import DomainError
-from gate.preprocess import PreprocessConfig, resample, to_canonical
+from gate.preprocess import PreprocessConfig, normalize_for, resample, to_canonical
 from gate.values import Neighbours, Volume
 
 STRIDE_FRACTION = 0.25
@@ -37,7 +38,7 @@ most 4x6x4 voxels off its nearest lattice window, inside the shifts the index po
 Chosen on the validation patients of ``bench/partial_copy.py`` against 0.5 (which leaves copies
 up to 8x12x8 voxels off and lost some of them)."""
 
-REFINE_TOP = 3
+REFINE_TOP = 8
 """Lattice windows refined per candidate (the best by nearest-patient similarity)."""
 
 REFINE_STEPS: tuple[float, ...] = (0.125, 0.0625, 0.0)
@@ -46,6 +47,9 @@ voxels along X for the 32-voxel grid."""
 
 REFINE_ROUNDS = 3
 """Descent moves tried per step size before going finer."""
+
+POLISH_STEPS: tuple[int, ...] = (2, 1)
+"""Voxel steps of the last descent, on the best window only, over all 26 neighbours."""
 
 MAX_WINDOWS = 20_000
 """A candidate needing more windows than this is refused (fail closed, bounded time): about 40 s
@@ -81,50 +85,58 @@ def needs_windows(shape: Sequence[int], grid: Sequence[int]) -> bool:
 
 
 def lattice(
-    shape: Sequence[int], grid: Sequence[int], stride_fraction: float = STRIDE_FRACTION
+    shape: Sequence[int], grid: Sequence[int], stride_fraction: float | None = None
 ) -> list[tuple[int, int, int]]:
-    """Window starts covering every voxel of ``shape``, plus the centred window.
+    """Window starts covering every voxel of ``shape``: the centred window, then two interleaved lattices.
+
+    The second lattice is offset by half a stride on every axis (a body-centred lattice), so no
+    position is further than half a stride from a window on every axis at once.
 
     Args:
         shape: (X, Y, Z) voxels of the oriented, resampled candidate.
         grid: window size (X, Y, Z).
-        stride_fraction: stride per axis as a fraction of ``grid`` (>= 1 voxel).
+        stride_fraction: stride per axis as a fraction of ``grid`` (>= 1 voxel); default
+            :data:`STRIDE_FRACTION`.
 
     Returns:
         Distinct (x, y, z) starts, the centred window first; a window never leaves ``shape``
         on an axis where the shape is at least the grid (smaller axes start at 0 and are padded).
 
     """
-    axes = []
+    fraction = STRIDE_FRACTION if stride_fraction is None else stride_fraction
+    first: list[list[int]] = []
+    second: list[list[int]] = []
     centre = []
     for n, g in zip(shape, grid, strict=True):
         last = max(0, int(n) - int(g))
-        step = max(1, round(g * stride_fraction))
+        step = max(1, round(g * fraction))
         starts = list(range(0, last + 1, step))
         if starts[-1] != last:
             starts.append(last)
-        axes.append(starts)
+        first.append(starts)
+        second.append([s for s in range(step // 2, last, step) if step // 2 > 0] or [last // 2])
         centre.append(last // 2)
-    out = [tuple(centre)]
-    seen = {out[0]}
-    for x in axes[0]:
-        for y in axes[1]:
-            for z in axes[2]:
-                s = (x, y, z)
-                if s not in seen:
-                    seen.add(s)
-                    out.append(s)
-    return out  # type: ignore[return-value]
+    out: list[tuple[int, int, int]] = [(centre[0], centre[1], centre[2])]
+    seen = set(out)
+    for axes in (first, second):
+        for x in axes[0]:
+            for y in axes[1]:
+                for z in axes[2]:
+                    if (x, y, z) not in seen:
+                        seen.add((x, y, z))
+                        out.append((x, y, z))
+    return out
 
 
 def count_windows(shape: Sequence[int], grid: Sequence[int]) -> int:
-    """Number of lattice windows (with the centre) for ``shape``, without building them."""
-    n = 1
+    """Upper bound on the lattice windows for ``shape`` (both lattices, the centre), not built."""
+    a = b = 1
     for s, g in zip(shape, grid, strict=True):
         last = max(0, int(s) - int(g))
         step = max(1, round(g * STRIDE_FRACTION))
-        n *= len(range(0, last + 1, step)) + (last % step != 0)
-    return n + 1
+        a *= len(range(0, last + 1, step)) + 1
+        b *= max(1, len(range(step // 2, last, step)))
+    return a + b + 1
 
 
 def cut(base: Volume, start: Sequence[int], grid: Sequence[int]) -> Volume:
@@ -164,8 +176,8 @@ def max_over_views(parts: Sequence[Neighbours], k: int) -> Neighbours:
     )
 
 
-Judge = Callable[[list[Volume]], list[Neighbours]]
-"""Embed and search raw-intensity grid-sized windows (preprocessed like any candidate), in order."""
+Judge = Callable[[list[np.ndarray]], list[Neighbours]]
+"""Embed and search preprocessed grid-sized windows (float32, shape ``config.grid``), in order."""
 
 
 def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int) -> WindowResult:
@@ -202,7 +214,8 @@ def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int
     def visit(starts: Sequence[tuple[int, int, int]]) -> None:
         new = list(dict.fromkeys(s for s in starts if s not in found))
         if new:
-            for s, nb in zip(new, judge([cut(base, s, grid) for s in new]), strict=True):
+            views = [normalize_for(cut(base, s, grid), config).data for s in new]
+            for s, nb in zip(new, judge(views), strict=True):
                 found[s] = nb
 
     def top1(s: tuple[int, int, int]) -> float:
@@ -231,5 +244,23 @@ def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int
                     moved = True
             if not moved:
                 break
+    best = max(found, key=top1)
+    for step in POLISH_STEPS:  # the best window: every diagonal too (a ridge defeats axis moves)
+        for _ in range(REFINE_ROUNDS):
+            ring = [
+                (
+                    min(limits[0], max(0, best[0] + dx * step)),
+                    min(limits[1], max(0, best[1] + dy * step)),
+                    min(limits[2], max(0, best[2] + dz * step)),
+                )
+                for dx in (-1, 0, 1)
+                for dy in (-1, 0, 1)
+                for dz in (-1, 0, 1)
+            ]
+            visit(ring)
+            nxt = max(ring, key=top1)
+            if top1(nxt) <= top1(best):
+                break
+            best = nxt
     best_start = max(found, key=top1)
     return WindowResult(max_over_views(list(found.values()), k), len(found), best_start)

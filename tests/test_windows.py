@@ -150,7 +150,7 @@ def test_windows_find_the_copy_the_centre_crop_misses(windowed_index: dict[str, 
     """The windowed score of an off-centre partial copy is a near copy's; the centre crop's is not."""
     from gate.cli.index import encoder_for_index, load_encoder
     from gate.identity import Pseudonymizer, load_or_create_key
-    from gate.index import TrainingIndex, embed_volumes
+    from gate.index import TrainingIndex, embed_grids, embed_volumes
     from gate.poses import IDENTITY_ONLY
     from gate.volume import ReadOptions, read_volumes
 
@@ -164,14 +164,15 @@ def test_windows_find_the_copy_the_centre_crop_misses(windowed_index: dict[str, 
         paste(source.data, PARTIAL_FOV, (41, 5, 39), "tissue"), source.affine, (1.0, 1.0, 1.0), "m", "x"
     )
 
-    def judge(views: list[Volume]) -> list[Neighbours]:
-        probes = embed_volumes(views, encoder, IDENTITY_ONLY)
+    def judge(views: list[np.ndarray]) -> list[Neighbours]:
+        probes = embed_grids(views, encoder, ["m"] * len(views))
         return index.search_many([p.embedding for p in probes], [p.voxel_sha256 for p in probes], 5)
 
     result = judge_windows(placed, encoder.preprocess, judge, 5)
     assert result.neighbours.patient_ids[0] == source.patient_id
     assert result.neighbours.similarities[0] > 0.95
-    (centre,) = judge([placed])  # what a crop-only gate would have judged
+    (probe,) = embed_volumes([placed], encoder, IDENTITY_ONLY)  # what a crop-only gate would judge
+    (centre,) = index.search_many([probe.embedding], [probe.voxel_sha256], 5)
     own = dict(zip(centre.patient_ids, centre.similarities, strict=True)).get(source.patient_id, -1.0)
     assert own < result.neighbours.similarities[0] - 0.1
     assert result.n_windows > len(lattice(placed.data.shape, encoder.preprocess.grid))

@@ -434,6 +434,14 @@ def export_command(
 )
 @click.option("--no-baselines", is_flag=True, help="Skip Pearson, SSIM and the untrained encoder.")
 @click.option(
+    "--partial-copy",
+    is_flag=True,
+    help="Also run the partial-copy family: the train volumes after the first 40 (the windows' "
+    "validation set), and every holdout volume as the negatives, at a seeded random position in "
+    "an 80x112x80 mm field of view, on an empty and a tissue-like background, judged by windows "
+    "(gate.windows) against the train volumes under --poses; 1-3 s per volume per background.",
+)
+@click.option(
     "--write-split",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -458,6 +466,7 @@ def eval_command(
     no_sweep: bool,
     poses_name: str,
     no_baselines: bool,
+    partial_copy: bool,
     write_split: Path | None,
     out_dir: Path | None,
     threads: int | None,
@@ -556,7 +565,24 @@ def eval_command(
             "poses": poses_name,
         }
     )
+    if partial_copy:
+        result["partial_copy"] = {}
+        for item in encoders:
+            name, _, path = item.partition("=")
+            enc = Encoder(Path(path), device="cpu")
+            result["partial_copy"][f"{name}+poses"] = bm.partial_copy_family(
+                [raws[i] for i in tr],
+                [raws[i] for i in ho],
+                enc.embed_array,
+                cfg,
+                POSE_SETS[poses_name],
+                seed=seed + 1,
+                positives=slice(bm.PARTIAL_VALIDATION, None),
+                progress=lambda m: click.echo(m, err=True),
+            )
     table = bm.markdown_table(result)
+    if partial_copy:
+        table += bm.markdown_partial(result)
     click.echo(table)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -470,6 +470,12 @@ PARTIAL_FOV_MM: tuple[int, int, int] = (80, 112, 80)
 """Field of view (1 mm voxels) a partial copy is placed in: 2.5x the grid per axis, 15x its
 volume, so most of what the gate sees is not the copy."""
 
+PARTIAL_VALIDATION = 40
+"""The first 40 train-split volumes (split seed 0), placed with seed 0, are the validation
+positives on which :mod:`gate.windows`' stride, lattice and refinement were chosen; ``gate eval
+--partial-copy`` reports on the other train volumes and places every volume with ``seed + 1``,
+so no reported placement was seen while tuning (the holdout patients were, at other positions)."""
+
 BACKGROUNDS: tuple[str, ...] = ("zero", "tissue")
 """``zero``: the copy on an empty field (as an MR crop pasted into a scan's air); ``tissue``:
 on a smooth random field spanning the copy's own interquartile intensities (no edge of zeros
@@ -540,6 +546,27 @@ class ExactPatientSearch:
         return out
 
 
+class _BenchModel:
+    """An embedding function as the :class:`~gate.index_manifest.EmbeddingModel` gate.index expects."""
+
+    sha256 = "benchmark"
+
+    def __init__(self, embed: Callable[[np.ndarray], np.ndarray], cfg: PreprocessConfig) -> None:
+        self.embed_array = embed
+        self.preprocess = cfg
+        self.dim = int(embed(np.zeros((1, 1, *cfg.grid), np.float32)).shape[1])
+
+
+def partial_reference(
+    train_raw: list[Volume], embed: Callable[[np.ndarray], np.ndarray], cfg: PreprocessConfig, poses: PoseSet
+) -> ExactPatientSearch:
+    """Training volumes embedded under ``poses`` as ``gate index build`` does, searched exactly."""
+    from gate.index import embed_volumes
+
+    ref = [p.embedding.vector for p in embed_volumes(train_raw, _BenchModel(embed, cfg), poses)]  # type: ignore[arg-type]
+    return ExactPatientSearch(np.stack(ref), [v.patient_id for v in train_raw for _ in range(len(poses))])
+
+
 def partial_copy_family(
     train_raw: list[Volume],
     holdout_raw: list[Volume],
@@ -549,8 +576,9 @@ def partial_copy_family(
     fov: tuple[int, int, int] = PARTIAL_FOV_MM,
     backgrounds: tuple[str, ...] = BACKGROUNDS,
     seed: int = 0,
-    max_positives: int | None = None,
+    positives: slice = slice(None),
     progress: Callable[[str], None] | None = None,
+    reference: ExactPatientSearch | None = None,
 ) -> dict[str, Any]:
     """Partial copies: training volumes at random positions in a larger field of view, judged by windows.
 
@@ -559,37 +587,38 @@ def partial_copy_family(
     against the training volumes indexed under ``poses`` (exact search). Threshold: the
     :data:`THRESHOLD_PERCENTILE` percentile of the negatives' scores per background.
 
+    Args:
+        train_raw: training volumes (1 mm), the positives' sources and the reference.
+        holdout_raw: novel volumes, the negatives.
+        embed: (N, 1, X, Y, Z) grids -> (N, D) unit vectors.
+        cfg: the encoder's preprocessing (``fov: crop``).
+        poses: the poses the reference indexes training volumes under.
+        fov: the larger field of view, voxels at 1 mm.
+        backgrounds: from :data:`BACKGROUNDS`.
+        seed: fixes positions and backgrounds (disjoint per background and per class).
+        positives: which training volumes are placed as positives (all of them are the
+            reference); :data:`PARTIAL_VALIDATION` separates tuning from reporting.
+        progress: one-line progress callback.
+        reference: a prebuilt :func:`partial_reference` (else built here).
+
     Returns:
         ``{"fov", "n_positives", "n_negatives", "backgrounds": {bg: metrics + "windows_mean"}}``.
 
     """
-    from gate.index import embed_volumes
     from gate.windows import judge_windows
 
     say = progress or (lambda _m: None)
+    search = reference or partial_reference(train_raw, embed, cfg, poses)
 
-    class _Model:
-        sha256 = "benchmark"
-        preprocess = cfg
+    def judge(views: list[np.ndarray]) -> list[Any]:
+        parts = [embed(np.stack(views[i : i + 64])[:, None]) for i in range(0, len(views), 64)]
+        vectors = np.concatenate(parts)
+        return search.neighbours(vectors, 1)
 
-        def __init__(self) -> None:
-            self.dim = int(embed(np.zeros((1, 1, *cfg.grid), np.float32)).shape[1])
-
-        def embed_array(self, batch: np.ndarray) -> np.ndarray:
-            return embed(batch)
-
-    model = _Model()
-    ref = [p.embedding.vector for p in embed_volumes(train_raw, model, poses)]  # type: ignore[arg-type]
-    search = ExactPatientSearch(np.stack(ref), [v.patient_id for v in train_raw for _ in range(len(poses))])
-
-    def judge(views: list[Volume]) -> list[Any]:
-        probes = embed_volumes(views, model)  # type: ignore[arg-type]
-        return search.neighbours(np.stack([p.embedding.vector for p in probes]), 1)
-
-    positives = train_raw if max_positives is None else train_raw[:max_positives]
+    placed_train = train_raw[positives]
     result: dict[str, Any] = {
         "fov": list(fov),
-        "n_positives": len(positives),
+        "n_positives": len(placed_train),
         "n_negatives": len(holdout_raw),
         "poses": len(poses),
         "backgrounds": {},
@@ -598,7 +627,7 @@ def partial_copy_family(
         scores: dict[str, list[float]] = {"pos": [], "neg": []}
         windows: list[int] = []
         hits = 0
-        for kind, vols in (("pos", positives), ("neg", holdout_raw)):
+        for kind, vols in (("pos", placed_train), ("neg", holdout_raw)):
             for i, vol in enumerate(vols):
                 placed = place(vol, fov, background, seed + 7919 * b + 104729 * (kind == "neg") + i)
                 res = judge_windows(placed, cfg, judge, 1)
@@ -616,6 +645,7 @@ def partial_copy_family(
             pos_min=float(pos.min()),
             neg_max=float(neg.max()),
         )
+        metrics["scores"] = {"pos": scores["pos"], "neg": scores["neg"]}
         result["backgrounds"][background] = metrics
         say(
             f"partial copy ({background}): TPR@5% {metrics['tpr_at_fpr_5pct']:.3f}, AUROC "
@@ -623,3 +653,24 @@ def partial_copy_family(
             f"{metrics['windows_mean']:.0f} windows per candidate"
         )
     return result
+
+
+def markdown_partial(result: dict[str, Any]) -> str:
+    """The partial-copy rows: one per encoder and background."""
+    lines = [
+        "",
+        "Partial copies (training volume at a random position in a larger field of view, judged by "
+        "windows; negatives: holdout volumes placed the same way; threshold: 95th percentile of the "
+        "negatives):",
+        "",
+        "| method | background | field of view | TPR @ FPR 5% | AUROC | source nearest | windows |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, part in result.get("partial_copy", {}).items():
+        fov = "x".join(str(f) for f in part["fov"])
+        for bg, m in part["backgrounds"].items():
+            lines.append(
+                f"| {method} | {bg} | {fov} | {m['tpr_at_fpr_5pct']:.3f} | {m['auroc']:.4f} | "
+                f"{m['source_is_nearest']:.3f} | {m['windows_mean']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import click
+import numpy as np
 
 from gate.audit import AuditEntry, AuditLog, undecided_entries
 from gate.decide import decide
@@ -228,26 +229,37 @@ def search_items(
     engine: Engine, index: Searcher, items: Sequence[Item], windowed: Sequence[bool], k: int
 ) -> list[Neighbours]:
     """Neighbours of every item, in order: whole items embedded together, the others by windows."""
-    from gate.poses import IDENTITY_ONLY
+    from gate.index import embed_grids
     from gate.windows import judge_windows
 
     whole = [it for it, w in zip(items, windowed, strict=True) if not w]
     probes = engine.embed(whole)
     found = iter(index.search_many([p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=k))
 
-    def judge_views(views: list[Volume]) -> list[Neighbours]:
-        view_probes = engine.embed_volumes(views, IDENTITY_ONLY)
-        return index.search_many(
-            [p.embedding for p in view_probes], [p.voxel_sha256 for p in view_probes], k=k
-        )
+    def views_judge(source: str) -> Callable[[list[np.ndarray]], list[Neighbours]]:
+        def judge_views(views: list[np.ndarray]) -> list[Neighbours]:
+            view_probes = []
+            for i in range(0, len(views), WINDOW_BATCH):
+                part = views[i : i + WINDOW_BATCH]
+                view_probes.extend(embed_grids(part, engine.encoder, [source] * len(part)))
+            return index.search_many(
+                [p.embedding for p in view_probes], [p.voxel_sha256 for p in view_probes], k=k
+            )
+
+        return judge_views
 
     out: list[Neighbours] = []
     for item, w in zip(items, windowed, strict=True):
         if w:
-            out.append(judge_windows(item.ref, engine.encoder.preprocess, judge_views, k).neighbours)
+            result = judge_windows(item.ref, engine.encoder.preprocess, views_judge(item.source), k)
+            out.append(result.neighbours)
         else:
             out.append(next(found))
     return out
+
+
+WINDOW_BATCH = 64
+"""Windows per encoder call (64 x 32x48x32 float32 = 12.6 MB)."""
 
 
 JUDGE_CHUNK = 512
