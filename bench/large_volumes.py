@@ -166,7 +166,13 @@ def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[
     with log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_mib": int(rss.group(1)) / 1024 if rss else -1}
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", proc.stderr))
+    return {
+        "rc": proc.returncode,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_rss_mib": int(rss.group(1)) / 1024 if rss else -1,
+    }
 
 
 def bench_env(pythonpath: str | None = None) -> dict[str, str]:
@@ -261,11 +267,14 @@ def check_runs(index: Path, candidates: list[Path], log: Path, repeats: int, aud
                 best[count] = r
     n = len(candidates)
     per = (best[n]["wall_s"] - best[1]["wall_s"]) / (n - 1)
+    per_cpu = (best[n]["cpu_s"] - best[1]["cpu_s"]) / (n - 1)
     return {
         "one": best[1],
         "many": best[n] | {"n": n},
         "per_candidate_s": per,
         "startup_s": best[1]["wall_s"] - per,
+        "per_candidate_cpu_s": per_cpu,
+        "startup_cpu_s": best[1]["cpu_s"] - per_cpu,
     }
 
 
@@ -499,7 +508,8 @@ def main() -> None:
             f"{check['one']['peak_rss_mib']:.0f} MiB, exit {check['one']['rc']}); "
             f"{check['many']['n']} candidates {check['many']['wall_s']:.2f} s (peak "
             f"{check['many']['peak_rss_mib']:.0f} MiB); per candidate {check['per_candidate_s']:.2f} s, "
-            f"start-up {check['startup_s']:.2f} s; training volume exit {copy['rc']}",
+            f"start-up {check['startup_s']:.2f} s; CPU (user+sys) 1 candidate {check['one']['cpu_s']:.2f} s, "
+            f"per candidate {check['per_candidate_cpu_s']:.2f} s; training volume exit {copy['rc']}",
             flush=True,
         )
         print("  stages: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items() if k != "mode"), flush=True)
