@@ -6,6 +6,10 @@ configuration is one ``gate check`` process (its wall time includes Ray startup)
 
     .venv/bin/python bench/ray_bench.py --n 10000 --out runs/ray_bench.jsonl
     .venv/bin/python bench/ray_bench.py --n 10000 --only ray-2 --ray-address 127.0.0.1:6390 --tag cluster
+    .venv/bin/python bench/ray_bench.py --n 300 --only ray-2 --local-cluster 2 --tag cluster
+
+``--local-cluster N`` starts N one-CPU Ray nodes on this machine (``ray.cluster_utils.Cluster``,
+token authentication off) for the run and stops exactly those after.
 
 Wall clock on whatever machine runs it; compare rows of one run, not runs.
 """
@@ -57,7 +61,27 @@ def main() -> None:
     ap.add_argument("--only", choices=sorted(CONFIGS), action="append")
     ap.add_argument("--ray-address", default=None)
     ap.add_argument("--tag", default="single-node")
+    ap.add_argument("--local-cluster", type=int, default=0, metavar="N")
     args = ap.parse_args()
+    cluster = None
+    if args.local_cluster:
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # one trusted machine; a real cluster shares a token
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        for _ in range(args.local_cluster - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        args.ray_address = cluster.address
+    try:
+        run(args)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def run(args: argparse.Namespace) -> None:
+    """One ``gate check`` per configuration."""
     cands = make_candidates(args.n, Path("runs") / f"ray_bench_{args.n}")
     gate = str(Path(sys.executable).with_name("gate"))
     rows = []
