@@ -305,7 +305,7 @@ def check_in_domain(
             raise DomainError(
                 volume.source,
                 f"larger than the index's grid ({found}): it is judged by windows, which this "
-                "path does not run; use gate check with --engine local",
+                "path does not run; use gate check",
             )
         return "windows"
     if _outside(fov, domain.fov_mm_min, domain.fov_mm_max, domain.fov_tolerance) or _outside(

@@ -176,3 +176,26 @@ def test_windows_find_the_copy_the_centre_crop_misses(windowed_index: dict[str, 
     own = dict(zip(centre.patient_ids, centre.similarities, strict=True)).get(source.patient_id, -1.0)
     assert own < result.neighbours.similarities[0] - 0.1
     assert result.n_windows > len(lattice(placed.data.shape, encoder.preprocess.grid))
+
+
+def test_ray_judges_windows_like_the_local_engine(windowed_index: dict[str, Path], tmp_path: Path) -> None:
+    """--engine ray reads on ray.data, re-reads windowed candidates and gives the same records."""
+    import json
+
+    pytest.importorskip("ray")
+    files: list[Path] = windowed_index["files"]  # type: ignore[assignment]
+    cand = _pasted(files, tmp_path / "cand")
+    (cand / "copy.nii.gz").symlink_to(files[0])  # judged whole, beside the windowed ones
+    root = windowed_index["root"]
+    records = {}
+    for engine in ("local", "ray"):
+        log = tmp_path / f"{engine}.jsonl"
+        env = {"GATE_ID_KEY_FILE": str(root / "key"), "GATE_AUDIT_LOG": str(log)}
+        args = ["check", str(cand), "--index", str(windowed_index["windowed"]), "--engine", engine]
+        result = CliRunner(env=env).invoke(main, [*args, "--workers", "1", "--policy", "standard"])
+        assert result.exit_code == 1, result.output
+        assert "checked 4: 0 pass, 0 flag, 4 reject" in result.output, result.output
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        keys = ("candidate_sha256", "verdict", "grade", "nearest_patient_id", "similarity")
+        records[engine] = [tuple(r[k] for k in keys) for r in rows]
+    assert records["local"] == records["ray"]

@@ -73,7 +73,10 @@ whole run, so once ``--workers`` actors fill a node, a CPU-reserving read of the
 with 2 actors on 2 CPUs hung at chunk 2). The reads in flight are bounded by :func:`read_tasks`
 instead; reading and embedding alternate per chunk, so they do not compete."""
 
-VOLUME, UNREADABLE, OUTSIDE = "volume", "unreadable", "outside"
+VOLUME, UNREADABLE, OUTSIDE, WINDOWED = "volume", "unreadable", "outside", "windowed"
+"""Row kinds of the read Dataset; a :data:`WINDOWED` volume (larger than an index's grid built
+with ``--window-fov``) carries no grid: the driver reads it again and judges it by windows
+(:mod:`gate.windows`), embedding on the actor pool and searching on the shard actors."""
 """What a row of the read Dataset holds: a volume and its grid, or a source that could not be
 read, or a volume outside the index's domain (both with a zero grid, never embedded)."""
 
@@ -124,9 +127,12 @@ def _read_batch(
             continue
         for sub, vol in enumerate(vols):
             try:
-                check_in_domain(vol, domain)
+                mode = check_in_domain(vol, domain, windows=True)
             except InputError as err:
                 row(pos, sub, OUTSIDE, err.path, "", "", err.problem, zeros)
+                continue
+            if mode == "windows":
+                row(pos, sub, WINDOWED, vol.source, sha256_voxels(vol.data), "", "", zeros)
                 continue
             (grid,) = posed_grids(vol, preprocess, IDENTITY_ONLY)
             grid = grid.astype(np.float32, copy=False)
@@ -439,10 +445,20 @@ class RayEngine:
                 errors.append(InputError(source, problem))
             elif r["kind"] == OUTSIDE:
                 refused.append(DomainError(source, problem))
+            elif r["kind"] == WINDOWED:
+                items.append(self._reread(source, int(r["sub"]), str(r["candidate_sha256"]), options))
             else:
                 key = (int(r["pos"]), int(r["sub"]), str(r["voxel_sha256"]))
                 items.append(Item(source, str(r["candidate_sha256"]), key))
         return items, [*errors, *refused]
+
+    @staticmethod
+    def _reread(source: str, sub: int, candidate_sha256: str, options: ReadOptions) -> Item:
+        """A :data:`WINDOWED` volume read again here, checked to be the bytes the read task hashed."""
+        vol = read_volumes(Path(source), options)[sub]
+        if sha256_voxels(vol.data) != candidate_sha256:
+            raise IntegrityError(f"{source}: changed while it was being checked; check it again")
+        return Item(source, candidate_sha256, vol)
 
     def embed(self, items: Sequence[Item]) -> list[Probe]:
         """Embed the grids of the last :meth:`read` on the actor pool, block by block (identity pose)."""
