@@ -51,9 +51,14 @@ REFINE_ROUNDS = 3
 POLISH_STEPS: tuple[int, ...] = (2, 1)
 """Voxel steps of the last descent, on the best window only, over all 26 neighbours."""
 
+VISIT_BATCH = 256
+"""Windows normalised and judged at a time (256 x 32x48x32 float32 = 50 MB)."""
+
 MAX_WINDOWS = 20_000
-"""A candidate needing more windows than this is refused (fail closed, bounded time): about 40 s
-of embedding on two CPU cores (2 ms per 32x48x32 window)."""
+"""A candidate needing more windows than this is refused (fail closed, bounded time): measured
+78.8 s for the 17,877 lattice windows of a 256x256x160 candidate at the 32x48x32 grid on the
+loaded 2-core CPU (bench/large_volumes.py, 4.4 ms a window), so ~90 s at the limit; larger
+fields of view need an index of a coarser grid (docs/benchmarks.md, large volumes)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,21 @@ def max_over_views(parts: Sequence[Neighbours], k: int) -> Neighbours:
     )
 
 
+def _spread_tops(ranked: list[tuple[int, int, int]], grid: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The best :data:`REFINE_TOP` windows, no two within half a grid of each other on every axis.
+
+    Neighbouring windows share most of their content and score alike, so the plain top list
+    spends its refinements on one place; spreading them gives a copy elsewhere its chance.
+    """
+    chosen: list[tuple[int, int, int]] = []
+    for s in ranked:
+        if all(any(abs(a - b) >= g / 2 for a, b, g in zip(s, c, grid, strict=True)) for c in chosen):
+            chosen.append(s)
+            if len(chosen) == REFINE_TOP:
+                break
+    return chosen
+
+
 Judge = Callable[[list[np.ndarray]], list[Neighbours]]
 """Embed and search preprocessed grid-sized windows (float32, shape ``config.grid``), in order."""
 
@@ -213,16 +233,17 @@ def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int
 
     def visit(starts: Sequence[tuple[int, int, int]]) -> None:
         new = list(dict.fromkeys(s for s in starts if s not in found))
-        if new:
-            views = [normalize_for(cut(base, s, grid), config).data for s in new]
-            for s, nb in zip(new, judge(views), strict=True):
+        for i in range(0, len(new), VISIT_BATCH):  # bounded memory: one batch of views at a time
+            part = new[i : i + VISIT_BATCH]
+            views = [normalize_for(cut(base, s, grid), config).data for s in part]
+            for s, nb in zip(part, judge(views), strict=True):
                 found[s] = nb
 
     def top1(s: tuple[int, int, int]) -> float:
         return float(found[s].similarities[0])
 
     visit(lattice(shape, grid))
-    current = sorted(found, key=top1, reverse=True)[:REFINE_TOP]
+    current = _spread_tops(sorted(found, key=top1, reverse=True), grid)
     for fraction in REFINE_STEPS:
         steps = [max(1, round(g * fraction)) for g in grid]
         for _ in range(REFINE_ROUNDS):

@@ -363,3 +363,26 @@ def test_a_failing_chunk_leaves_every_source_with_exactly_one_record(
     assert len(records) == N_TRAIN  # 3 decided, 3 of the failed chunk, 2 never read
     assert [r.verdict for r in records] == ["reject"] * 3 + ["error"] * 5
     assert all(r.error == "RuntimeError: encoder crashed" for r in records[3:])
+
+
+def test_chunks_stop_at_the_voxel_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large candidates are read a few at a time (header estimates), small ones JUDGE_CHUNK at a time."""
+    import nibabel as nib
+    import numpy as np
+
+    import gate.engine
+    from gate.volume import estimate_voxels
+
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.eye(4)), small)
+    big = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((100, 100, 50), np.float32), np.eye(4)), big)
+    assert estimate_voxels(small) == 1000 and estimate_voxels(big) == 500_000
+    assert estimate_voxels(tmp_path / "missing.nii.gz") == 0
+    monkeypatch.setattr(gate.engine, "JUDGE_VOXELS", 1_200_000)
+    monkeypatch.setattr(gate.engine, "JUDGE_CHUNK", 4)
+    sources = [big, big, big, small, small, small, small, small, big]
+    assert gate.engine.chunk_bounds(sources) == [(0, 2), (2, 6), (6, 9)]
+    assert gate.engine.chunk_bounds([]) == [(0, 0)]
+    monkeypatch.setattr(gate.engine, "JUDGE_VOXELS", 10)
+    assert gate.engine.chunk_bounds([big, big]) == [(0, 1), (1, 2)]  # one source even over budget

@@ -272,6 +272,35 @@ such candidates near half a GB and is far above any batch the encoder or search 
 with fewer sources see exactly the old single pass."""
 
 
+JUDGE_VOXELS = 128 * 1024 * 1024
+"""Voxels (estimated from headers, :func:`gate.volume.estimate_voxels`) read per chunk at most:
+512 sources of 256x256x160 would hold ~38 GB (measured 75 MiB per such candidate,
+bench/large_volumes.py), so a chunk of large candidates stops at ~12 of them (~1 GB of
+candidates); 512 hippocampus crops (~60k voxels each, 31M in all) never reach it."""
+
+
+def chunk_bounds(sources: Sequence[Path]) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of ``sources``, in order.
+
+    A chunk holds at most :data:`JUDGE_CHUNK` sources and :data:`JUDGE_VOXELS` estimated voxels,
+    and at least one source; no sources give one empty chunk.
+    """
+    from gate.volume import estimate_voxels
+
+    if not sources:
+        return [(0, 0)]
+    bounds: list[tuple[int, int]] = []
+    start, voxels = 0, 0
+    for i, source in enumerate(sources):
+        v = estimate_voxels(source)
+        if i > start and (i - start >= JUDGE_CHUNK or voxels + v > JUDGE_VOXELS):
+            bounds.append((start, i))
+            start, voxels = i, 0
+        voxels += v
+    bounds.append((start, len(sources)))
+    return bounds
+
+
 def judge(
     engine: Engine,
     index: Searcher,
@@ -284,7 +313,7 @@ def judge(
 ) -> Judged:
     """Read, embed, search, decide, and audit every candidate (the body of ``gate check``).
 
-    Sources are discovered first, then judged :data:`JUDGE_CHUNK` at a time so memory stays
+    Sources are discovered first, then judged in chunks (:func:`chunk_bounds`) so memory stays
     bounded. Records, per chunk: one error record per unreadable input (discovery errors with
     the first chunk), then one decision record per candidate in input order. If embedding,
     search or a worker fails, every candidate of the chunk gets an error record, every source
@@ -318,9 +347,8 @@ def judge(
         ):
             audit.append(entry)
 
-    starts = range(0, len(sources), JUDGE_CHUNK) if sources else range(1)
-    for n, start in enumerate(starts):
-        chunk = sources[start : start + JUDGE_CHUNK]
+    for n, (start, stop) in enumerate(chunk_bounds(sources)):
+        chunk = sources[start:stop]
         before = first_errors if n == 0 else []
         try:
             items, errors = engine.read(chunk, options) if chunk else ([], [])
