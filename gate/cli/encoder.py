@@ -432,7 +432,20 @@ def export_command(
     help="Also score each encoder as `gate index build` indexes it: training volumes under these "
     "poses (reported as NAME+poses).",
 )
-@click.option("--no-baselines", is_flag=True, help="Skip Pearson, SSIM and the untrained encoder.")
+@click.option(
+    "--no-baselines",
+    is_flag=True,
+    help="Skip Pearson (with and without --poses), SSIM, Dar's rule and the untrained encoder.",
+)
+@click.option(
+    "--validation-fraction",
+    type=click.FloatRange(0.1, 0.9),
+    default=0.5,
+    show_default=True,
+    help="Share of the holdout patients (and of the positives) whose scores set the test-split "
+    "threshold; the test numbers come from the rest.",
+)
+@click.option("--validation-seed", type=int, default=0, show_default=True)
 @click.option(
     "--partial-copy",
     is_flag=True,
@@ -466,6 +479,8 @@ def eval_command(
     no_sweep: bool,
     poses_name: str,
     no_baselines: bool,
+    validation_fraction: float,
+    validation_seed: int,
     partial_copy: bool,
     write_split: Path | None,
     out_dir: Path | None,
@@ -530,6 +545,8 @@ def eval_command(
                     f"{name}+poses", enc.embed_array, POSE_SETS[poses_name], [raws[i] for i in tr], cfg
                 )
             )
+        if not no_baselines:
+            scorers.append(bm.DarScorer(f"dar:{name}", enc.embed_array))
     if not no_baselines:
         untrained = build_encoder(EncoderSpec(grid=cfg.grid), seed=0)
 
@@ -539,8 +556,10 @@ def eval_command(
                     [untrained(torch.from_numpy(x[i : i + 64])) for i in range(0, len(x), 64)]
                 ).numpy()
 
+        scorers.append(bm.PearsonScorer())
+        if poses_name != "none":
+            scorers.append(bm.PearsonScorer(POSE_SETS[poses_name], [raws[i] for i in tr], cfg))
         scorers += [
-            bm.PearsonScorer(),
             bm.EmbeddingScorer("untrained_encoder", embed_untrained),
             bm.SSIMScorer(ssim_subset),
         ]
@@ -553,6 +572,8 @@ def eval_command(
         seed=seed,
         sweep=not no_sweep,
         progress=lambda m: click.echo(m, err=True),
+        validation_fraction=validation_fraction,
+        validation_seed=validation_seed,
     )
     result.update(
         {
@@ -580,7 +601,7 @@ def eval_command(
                 positives=slice(bm.PARTIAL_VALIDATION, None),
                 progress=lambda m: click.echo(m, err=True),
             )
-    table = bm.markdown_table(result)
+    table = bm.markdown_methods(result) + "\n" + bm.markdown_table(result)
     if partial_copy:
         table += bm.markdown_partial(result)
     click.echo(table)

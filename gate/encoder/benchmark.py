@@ -71,12 +71,12 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("exact", "exact", (0.0,), 0.0, "-"),
         Family("flip", "geometric", (1.0,), 1.0, "left-right flip"),
-        Family("rotation", "geometric", (5.0, 10.0, 20.0), 10.0, "degrees about a random axis"),
-        Family("translation", "geometric", (1.5, 3.0, 6.0), 3.0, "voxels (mm) in a random direction"),
+        Family("rotation", "geometric", (5.0, 10.0, 15.0, 20.0), 10.0, "degrees about a random axis"),
+        Family("translation", "geometric", (1.5, 3.0, 6.0, 8.0), 3.0, "voxels (mm) in a random direction"),
         Family(
             "crop_shift",
             "geometric",
-            (2.0, 4.0, 8.0),
+            (2.0, 4.0, 6.0, 8.0),
             4.0,
             "voxels cut from one side per axis before preprocessing",
         ),
@@ -86,12 +86,104 @@ FAMILIES: dict[str, Family] = {
         Family("blur", "intensity", (0.5, 1.0, 2.0), 1.0, "Gaussian sigma, voxels"),
         Family("bias_field", "intensity", (0.1, 0.3, 0.6), 0.3, "max |log gain| of a smooth field"),
         Family("resampling", "resampling", (1.25, 1.5, 2.0), 1.5, "mm: down- then re-sampled to 1 mm"),
+        Family(
+            "composite",
+            "composite",
+            (0.5, 1.0, 2.0),
+            1.0,
+            "scale on the drawn severities (0.5 mild, 1 moderate, 2 strong); see composite_draw",
+        ),
     )
 }
 """Default severities sit at the edge of the training augmentation ranges where those exist
 (rotation 10 deg, translation 3 vox, elastic 1.5 vox, gamma 1.5, blur 1 vox, noise 0.05, bias
 0.3): the encoder is built to be invariant over that range, and the sweep shows what happens
-at half and at double. Crop shift and resampling are never seen in training."""
+at half and at double. Crop shift and resampling are never seen in training. Rotation,
+translation and crop shift sweep to 20 deg / 8 voxels to show where each method breaks (the
+levels added later, 15 deg, 8 vox translation and 6 vox crop shift, draw the same directions as
+the others, so earlier numbers are unchanged)."""
+
+COMPOSITE_GEOMETRIC: tuple[str, ...] = ("rotation", "translation", "crop_shift", "elastic")
+COMPOSITE_INTENSITY: tuple[str, ...] = ("gamma", "noise", "blur", "bias_field")
+COMPOSITE_ORDER: tuple[str, ...] = (
+    "crop_shift",
+    "resampling",
+    "rotation",
+    "translation",
+    "elastic",
+    "gamma",
+    "bias_field",
+    "blur",
+    "noise",
+)
+"""The order a composite applies its pieces in: raw-volume changes (crop, resampling) first, as a
+scanner would, then geometry on the grid, then intensity, noise last."""
+
+COMPOSITE_FAMILIES = (3, 5)
+"""A composite draws between 3 and 5 families (inclusive)."""
+
+COMPOSITE_SEED_FLOOR = 2**32
+"""Seeds of a composite's pieces are drawn from [2**32, 2**62); single-family draws use
+``seed + 101 * family index`` (< 2**32 for any seed the CLI takes), so no composite piece
+repeats a single-family draw."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One family of a composite near copy.
+
+    Attributes:
+        family: a key of :data:`FAMILIES`.
+        severity: its level (``FAMILIES[family].unit``).
+        seed: the seed :func:`perturb` gets for it.
+
+    """
+
+    family: str
+    severity: float
+    seed: int
+
+
+def _scaled(family: str, level: float, scale: float) -> float:
+    if family in ("gamma", "resampling"):  # multiplicative: 1 is "no change"
+        return 1.0 + (level - 1.0) * scale
+    if family == "crop_shift":
+        return float(max(1, round(level * scale)))
+    return level * scale
+
+
+def composite_draw(index: int, seed: int, scale: float = 1.0) -> tuple[Piece, ...]:
+    """The pieces of composite near copy ``index``: a seeded draw of 3-5 families.
+
+    One geometric family (:data:`COMPOSITE_GEOMETRIC`) and one intensity family
+    (:data:`COMPOSITE_INTENSITY`) always, then 1-3 more from the rest of :data:`COMPOSITE_ORDER`
+    (resampling included); each at a level drawn uniformly between the family's mildest
+    severity and its default (mild to moderate), times ``scale`` (for gamma and resampling the
+    excess over 1 is scaled; crop shift rounds to whole voxels, at least 1). The draw does not
+    depend on ``scale``: a sweep changes only how far the same pieces go.
+
+    Args:
+        index: the copy's position in the candidate set.
+        seed: the composite family's seed.
+        scale: severity scale.
+
+    Returns:
+        The pieces in :data:`COMPOSITE_ORDER`.
+
+    """
+    rng = np.random.default_rng([seed, index, 7207])
+    geo = str(rng.choice(COMPOSITE_GEOMETRIC))
+    inten = str(rng.choice(COMPOSITE_INTENSITY))
+    rest = [f for f in COMPOSITE_ORDER if f not in (geo, inten)]
+    k = int(rng.integers(COMPOSITE_FAMILIES[0], COMPOSITE_FAMILIES[1] + 1))
+    chosen = {geo, inten, *(str(f) for f in rng.choice(rest, k - 2, replace=False))}
+    pieces = []
+    for f in COMPOSITE_ORDER:
+        if f in chosen:
+            fam = FAMILIES[f]
+            level = float(rng.uniform(fam.severities[0], fam.default))
+            pieces.append(Piece(f, _scaled(f, level, scale), int(rng.integers(COMPOSITE_SEED_FLOOR, 2**62))))
+    return tuple(pieces)
 
 
 def _grid_volume(data: np.ndarray, like: Volume) -> Volume:
@@ -109,6 +201,72 @@ def _repreprocess(grids: torch.Tensor, raws: list[Volume], cfg: PreprocessConfig
     return np.stack(
         [preprocess(_grid_volume(a[0], v), cfg).data[None] for a, v in zip(arr, raws, strict=True)]
     )
+
+
+def _crop_raw(v: Volume, cut: int, rng: np.random.Generator) -> Volume:
+    """``cut`` voxels off one random side of each axis of a raw volume (affine kept consistent)."""
+    signs = [1 if rng.random() < 0.5 else -1 for _ in range(3)]
+    sl = cut_slices(v.data.shape, (signs[0] * cut, signs[1] * cut, signs[2] * cut))
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start or 0 for s in sl]
+    return Volume(
+        data=np.ascontiguousarray(v.data[sl]),
+        affine=v.affine @ shift,
+        spacing=v.spacing,
+        source=v.source,
+        patient_id=v.patient_id,
+    )
+
+
+def _resample_raw(v: Volume, severity: float) -> Volume:
+    """A raw volume down-sampled to ``severity`` mm voxels (its spacing times ``severity``)."""
+    from scipy import ndimage
+
+    data = ndimage.zoom(v.data, 1.0 / severity, order=1, mode="nearest", grid_mode=True).astype(np.float32)
+    return Volume(
+        data=data,
+        affine=v.affine @ np.diag([severity, severity, severity, 1.0]),
+        spacing=tuple(float(s) * severity for s in v.spacing),  # type: ignore[arg-type]
+        source=v.source,
+        patient_id=v.patient_id,
+    )
+
+
+def composite(
+    grids: np.ndarray, raws: list[Volume], cfg: PreprocessConfig, seed: int, scale: float = 1.0
+) -> np.ndarray:
+    """Composite near copies: copy ``i`` gets the pieces of ``composite_draw(i, seed, scale)`` together.
+
+    Raw-volume pieces (crop shift, resampling) change the raw volume, which is preprocessed
+    once; every grid piece then goes through :func:`perturb` (and so through preprocessing
+    again, as a candidate file would).
+
+    Args:
+        grids: (N, 1, X, Y, Z) preprocessed training grids.
+        raws: the N raw volumes they came from.
+        cfg: preprocessing config.
+        seed: fixes the draws.
+        scale: severity scale (:data:`FAMILIES` ``composite`` severities).
+
+    Returns:
+        (N, 1, X, Y, Z) preprocessed candidates.
+
+    """
+    out = []
+    for i, v in enumerate(raws):
+        pieces = composite_draw(i, seed, scale)
+        raw = v
+        for p in pieces:
+            if p.family == "crop_shift":
+                raw = _crop_raw(raw, int(p.severity), np.random.default_rng(p.seed))
+            elif p.family == "resampling":
+                raw = _resample_raw(raw, p.severity)
+        g = grids[i : i + 1] if raw is v else preprocess(raw, cfg).data[None, None]
+        for p in pieces:
+            if p.family not in ("crop_shift", "resampling"):
+                g = perturb(p.family, p.severity, g, [v], cfg, p.seed)
+        out.append(g[0])
+    return np.stack(out).astype(np.float32, copy=False)
 
 
 def perturb(
@@ -160,51 +318,13 @@ def perturb(
     if family == "bias_field":
         b = smooth_field(n, 1, BIAS_CONTROL, shape, torch.full((n,), severity), gen, x.device)  # type: ignore[arg-type]
         return _repreprocess((x * torch.exp(b)).clamp(0, 1), raws, cfg)
+    if family == "composite":
+        return composite(grids, raws, cfg, seed, severity)
     rng = np.random.default_rng(seed)
     if family == "crop_shift":
-        out = []
-        for v in raws:
-            cut = int(severity)
-            signs = [1 if rng.random() < 0.5 else -1 for _ in range(3)]
-            sl = cut_slices(v.data.shape, (signs[0] * cut, signs[1] * cut, signs[2] * cut))
-            data = np.ascontiguousarray(v.data[sl])
-            shift = np.eye(4)
-            shift[:3, 3] = [s.start or 0 for s in sl]
-            out.append(
-                preprocess(
-                    Volume(
-                        data=data,
-                        affine=v.affine @ shift,
-                        spacing=v.spacing,
-                        source=v.source,
-                        patient_id=v.patient_id,
-                    ),
-                    cfg,
-                ).data[None]
-            )
-        return np.stack(out)
+        return np.stack([preprocess(_crop_raw(v, int(severity), rng), cfg).data[None] for v in raws])
     if family == "resampling":
-        from scipy import ndimage
-
-        out = []
-        for v in raws:
-            factor = 1.0 / severity
-            data = ndimage.zoom(v.data, factor, order=1, mode="nearest", grid_mode=True).astype(np.float32)
-            affine = v.affine @ np.diag([severity, severity, severity, 1.0])
-            sp = tuple(float(s) * severity for s in v.spacing)
-            out.append(
-                preprocess(
-                    Volume(
-                        data=data,
-                        affine=affine,
-                        spacing=sp,
-                        source=v.source,  # type: ignore[arg-type]
-                        patient_id=v.patient_id,
-                    ),
-                    cfg,
-                ).data[None]
-            )
-        return np.stack(out)
+        return np.stack([preprocess(_resample_raw(v, severity), cfg).data[None] for v in raws])
     raise ValueError(f"unknown perturbation family {family!r}; expected one of {sorted(FAMILIES)}")
 
 
@@ -221,6 +341,10 @@ class Scorer:
     def score(self, candidates: np.ndarray) -> np.ndarray:
         """(M, 1, X, Y, Z) -> (M,) float64 nearest-train similarity (higher = closer)."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Free the fitted reference once the benchmark is done with this scorer."""
+        self.__dict__.pop("_ref", None)
 
 
 class EmbeddingScorer(Scorer):
@@ -261,9 +385,23 @@ class EmbeddingScorer(Scorer):
 
 
 class PearsonScorer(Scorer):
-    """Raw-voxel Pearson correlation of the preprocessed grids (the pixel-space baseline)."""
+    """Raw-voxel Pearson correlation of the preprocessed grids (the pixel-space baseline).
 
-    name = "raw_voxel_pearson"
+    With ``poses`` the training side is every training volume under each pose, the same posed
+    grids (:func:`gate.poses.posed_grids`) the encoder+poses scorer embeds, and a candidate's
+    score is its max over all (kept in float32: 86 poses x 209 volumes x 32x48x32 is 3.5 GB).
+    """
+
+    def __init__(
+        self,
+        poses: PoseSet = IDENTITY_ONLY,
+        raws: list[Volume] | None = None,
+        config: PreprocessConfig | None = None,
+    ) -> None:
+        if len(poses) > 1 and (raws is None or config is None):
+            raise ValueError("a PearsonScorer with poses needs the raw training volumes and the config")
+        self.name = "raw_voxel_pearson" if len(poses) == 1 else "raw_voxel_pearson+poses"
+        self._poses, self._raws, self._config = poses, raws, config
 
     @staticmethod
     def _z(x: np.ndarray) -> np.ndarray:
@@ -272,10 +410,43 @@ class PearsonScorer(Scorer):
         return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
     def fit(self, train: np.ndarray) -> None:  # noqa: D102
-        self._ref = self._z(train)
+        if len(self._poses) == 1:
+            self._ref = self._z(train)
+            return
+        assert self._raws is not None and self._config is not None  # checked in __init__
+        if len(self._raws) != len(train):
+            raise ValueError(f"{len(self._raws)} raw volumes for {len(train)} training grids")
+        self._ref = np.concatenate(
+            [
+                self._z(np.stack(posed_grids(v, self._config, self._poses))).astype(np.float32)
+                for v in self._raws
+            ]
+        )
 
     def score(self, candidates: np.ndarray) -> np.ndarray:  # noqa: D102
-        return (self._z(candidates) @ self._ref.T).max(axis=1)
+        z = self._z(candidates).astype(self._ref.dtype)
+        return np.concatenate(
+            [(z[i : i + 256] @ self._ref.T).max(axis=1) for i in range(0, len(z), 256)]
+        ).astype(np.float64)
+
+
+class DarScorer(EmbeddingScorer):
+    """Dar et al.'s rule: Pearson correlation of embeddings with the nearest training embedding.
+
+    Dar et al. (2023, memorization in 3D latent diffusion models) flag a sample whose embedding
+    correlates with a training embedding above the 95th percentile of real held-out patients'
+    correlations. Correlation centres each embedding over its dimensions before the cosine, so
+    it equals the encoder's cosine only for zero-mean embeddings; the benchmark records whether
+    the two rows coincide (``identical_to``). No poses: the rule as published.
+    """
+
+    def __init__(self, name: str, embed: Callable[[np.ndarray], np.ndarray]) -> None:
+        def centred(x: np.ndarray) -> np.ndarray:
+            e = embed(x).astype(np.float64)
+            e = e - e.mean(axis=1, keepdims=True)
+            return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+        super().__init__(name, centred)
 
 
 class SSIMScorer(Scorer):
@@ -343,6 +514,30 @@ def split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
+VALIDATION_FRACTION = 0.5
+"""Share of the holdout (novel) patients, and of the training-side positives, in the
+validation split; the rest is the test split."""
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (validation indices, test indices) of ``n`` items, each sorted, disjoint, covering all.
+
+    The holdout's 52 patients split 26 / 26: the threshold (95th percentile of 26 validation
+    scores) falls between the two highest, so its FPR on new patients is ~8% +- 5% (the
+    expected exceedance of that order statistic and its spread), and the test FPR is measured
+    in steps of 1/26 = 0.038.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1); got {fraction}")
+    val, test = split(n, 1.0 - fraction, seed)
+    return val, test
+
+
+def validation_threshold(novel: np.ndarray, validation: np.ndarray) -> float:
+    """The flag threshold from the validation novel scores only."""
+    return float(np.percentile(novel[validation], THRESHOLD_PERCENTILE))
+
+
 def run_benchmark(
     train_grids: np.ndarray,
     train_raw: list[Volume],
@@ -352,8 +547,15 @@ def run_benchmark(
     seed: int = 0,
     sweep: bool = True,
     progress: Callable[[str], None] | None = None,
+    validation_fraction: float = VALIDATION_FRACTION,
+    validation_seed: int = 0,
 ) -> dict[str, Any]:
     """Score every family with every scorer.
+
+    Two readings per method: ``families`` / ``pooled`` use every holdout patient for the
+    threshold and the metrics (comparable with earlier runs); ``test`` takes the threshold
+    from the validation split of the holdout (:func:`validation_split`) and reports on the test
+    split of the holdout and of the positives only, which no choice touched.
 
     Args:
         train_grids: (N, 1, X, Y, Z) preprocessed training grids.
@@ -364,21 +566,28 @@ def run_benchmark(
         seed: fixes perturbations and SSIM subsets.
         sweep: also run the non-default severities.
         progress: callback for one-line progress messages.
+        validation_fraction: share of holdout patients (and of positives) in the validation split.
+        validation_seed: seeds that split.
 
     Returns:
-        ``{"threshold_percentile", "n_train", "n_holdout", "methods": {name: {"threshold",
-        "novel", "families": {family: {severity: metrics}}, "pooled": metrics}}}``.
+        ``{"threshold_percentile", "n_train", "n_holdout", "validation_split": {indices},
+        "methods": {name: {"threshold", "novel", "families": {family: {severity: metrics}},
+        "pooled": metrics, "test": {"threshold", "families", "pooled"}}}}``.
 
     """
     say = progress or (lambda _m: None)
+    n = len(train_grids)
+    novel_val, novel_test = validation_split(len(holdout_grids), validation_fraction, validation_seed)
+    pos_val, pos_test = validation_split(n, validation_fraction, validation_seed + 1)
     candidates: dict[tuple[str, float], np.ndarray] = {}
     for fi, fam in enumerate(FAMILIES.values()):
         for sev in fam.severities if sweep else (fam.default,):
             candidates[(fam.name, sev)] = perturb(fam.name, sev, train_grids, train_raw, cfg, seed + 101 * fi)
-    say(f"built {len(candidates)} candidate sets of {len(train_grids)} volumes")
+    say(f"built {len(candidates)} candidate sets of {n} volumes")
+    composite_seed = seed + 101 * list(FAMILIES).index("composite")
     result: dict[str, Any] = {
         "threshold_percentile": THRESHOLD_PERCENTILE,
-        "n_train": len(train_grids),
+        "n_train": n,
         "n_holdout": len(holdout_grids),
         "seed": seed,
         "methods": {},
@@ -386,25 +595,51 @@ def run_benchmark(
             f.name: {"kind": f.kind, "severities": list(f.severities), "default": f.default, "unit": f.unit}
             for f in FAMILIES.values()
         },
+        "composite": {
+            "seed": composite_seed,
+            "draws": [
+                [[p.family, p.severity, p.seed] for p in composite_draw(i, composite_seed)] for i in range(n)
+            ],
+        },
+        "validation_split": {
+            "fraction": validation_fraction,
+            "seed": validation_seed,
+            "novel_validation": novel_val.tolist(),
+            "novel_test": novel_test.tolist(),
+            "positive_validation": pos_val.tolist(),
+            "positive_test": pos_test.tolist(),
+        },
     }
     rng = np.random.default_rng(seed)
+    scores: dict[str, dict[tuple[str, float], np.ndarray]] = {}
     for scorer in scorers:
         scorer.fit(train_grids)
         novel = scorer.score(holdout_grids)
         thr = float(np.percentile(novel, THRESHOLD_PERCENTILE))
+        thr_val = validation_threshold(novel, novel_val)
         fams: dict[str, dict[str, Any]] = {}
-        pooled = []
-        subset = None
-        if scorer.max_candidates is not None and scorer.max_candidates < len(train_grids):
-            subset = np.sort(rng.choice(len(train_grids), scorer.max_candidates, replace=False))
+        fams_test: dict[str, dict[str, Any]] = {}
+        pooled, pooled_test = [], []
+        subset = np.arange(n)
+        if scorer.max_candidates is not None and scorer.max_candidates < n:
+            subset = np.sort(rng.choice(n, scorer.max_candidates, replace=False))
+        on_test = np.isin(subset, pos_test)
+        own: dict[tuple[str, float], np.ndarray] = {}
         for (name, sev), cand in candidates.items():
             fam = FAMILIES[name]
-            if subset is not None and sev != fam.default:
+            if len(subset) < n and sev != fam.default:
                 continue  # costly scorers: default severity only
-            pos = scorer.score(cand if subset is None else cand[subset])
+            pos = scorer.score(cand if len(subset) == n else cand[subset])
+            own[(name, sev)] = pos
             fams.setdefault(name, {})[str(sev)] = family_metrics(pos, novel, thr)
+            test_metrics = family_metrics(pos[on_test], novel[novel_test], thr_val)
+            fams_test.setdefault(name, {})[str(sev)] = test_metrics
             if sev == fam.default:
                 pooled.append(pos)
+                pooled_test.append(pos[on_test])
+        scorer.release()
+        own[("novel", 0.0)] = novel
+        scores[scorer.name] = own
         result["methods"][scorer.name] = {
             "threshold": thr,
             "novel": {
@@ -415,12 +650,26 @@ def run_benchmark(
             },
             "families": fams,
             "pooled": family_metrics(np.concatenate(pooled), novel, thr),
-            "subset": None if subset is None else len(subset),
+            "subset": None if len(subset) == n else len(subset),
+            "test": {
+                "threshold": thr_val,
+                "n_positives_per_family": int(on_test.sum()),
+                "n_novel": len(novel_test),
+                "families": fams_test,
+                "pooled": family_metrics(np.concatenate(pooled_test), novel[novel_test], thr_val),
+            },
         }
         say(
             f"{scorer.name}: threshold {thr:.4f}, "
             f"pooled AUROC {result['methods'][scorer.name]['pooled']['auroc']:.4f}"
         )
+    for name, own in scores.items():
+        for other, theirs in scores.items():
+            if other != name and own.keys() == theirs.keys():
+                same = all(own[k].shape == theirs[k].shape for k in own)
+                if same and all(np.allclose(own[k], theirs[k], rtol=0.0, atol=1e-9) for k in own):
+                    result["methods"][name]["identical_to"] = other
+                    break
     return result
 
 
@@ -463,6 +712,48 @@ def markdown_sweep(result: dict[str, Any]) -> str:
                     f"| {mname} | {fname} | {sev} | {r['tpr_at_threshold']:.3f} | "
                     f"{r['auroc']:.4f} | {r['tpr_at_fpr_1pct']:.3f} |"
                 )
+    return "\n".join(lines) + "\n"
+
+
+def markdown_methods(result: dict[str, Any]) -> str:
+    """Methods side by side: pooled and composite (default severity), all holdout and test split."""
+    vs = result.get("validation_split")
+    lines = [
+        "Methods side by side (default severities). All: threshold and metrics on every holdout "
+        "patient. Test: threshold from the validation half of the holdout"
+        + (
+            f" ({len(vs['novel_validation'])} patients), metrics on the other {len(vs['novel_test'])} "
+            f"and on the {len(vs['positive_test'])}-volume test half of the positives"
+            if vs
+            else ""
+        )
+        + ".",
+        "",
+        "| method | pooled AUROC | pooled TPR@FPR5% | composite AUROC | composite TPR@FPR5% | "
+        "test: pooled AUROC | test: composite TPR@FPR5% | test: TPR@val thr | test: FPR@val thr | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mname, m in result["methods"].items():
+        p = m["pooled"]
+        c = m["families"]["composite"][str(FAMILIES["composite"].default)]
+        t = m.get("test")
+        note = []
+        if m.get("subset"):
+            note.append(f"subset of {m['subset']} per family")
+        if m.get("identical_to"):
+            note.append(f"identical to {m['identical_to']}")
+        test_cells = "| - | - | - | - "
+        if t:
+            tc = t["families"]["composite"][str(FAMILIES["composite"].default)]
+            tp = t["pooled"]
+            test_cells = (
+                f"| {tp['auroc']:.4f} | {tc['tpr_at_fpr_5pct']:.3f} | {tp['tpr_at_threshold']:.3f} | "
+                f"{tp['fpr_at_threshold']:.3f} "
+            )
+        lines.append(
+            f"| {mname} | {p['auroc']:.4f} | {p['tpr_at_fpr_5pct']:.3f} | {c['auroc']:.4f} | "
+            f"{c['tpr_at_fpr_5pct']:.3f} {test_cells}| {'; '.join(note)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
