@@ -181,21 +181,6 @@ def max_over_views(parts: Sequence[Neighbours], k: int) -> Neighbours:
     )
 
 
-def _spread_tops(ranked: list[tuple[int, int, int]], grid: Sequence[int]) -> list[tuple[int, int, int]]:
-    """The best :data:`REFINE_TOP` windows, no two within half a grid of each other on every axis.
-
-    Neighbouring windows share most of their content and score alike, so the plain top list
-    spends its refinements on one place; spreading them gives a copy elsewhere its chance.
-    """
-    chosen: list[tuple[int, int, int]] = []
-    for s in ranked:
-        if all(any(abs(a - b) >= g / 2 for a, b, g in zip(s, c, grid, strict=True)) for c in chosen):
-            chosen.append(s)
-            if len(chosen) == REFINE_TOP:
-                break
-    return chosen
-
-
 Judge = Callable[[list[np.ndarray]], list[Neighbours]]
 """Embed and search preprocessed grid-sized windows (float32, shape ``config.grid``), in order."""
 
@@ -243,7 +228,7 @@ def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int
         return float(found[s].similarities[0])
 
     visit(lattice(shape, grid))
-    current = _spread_tops(sorted(found, key=top1, reverse=True), grid)
+    current = sorted(found, key=top1, reverse=True)[:REFINE_TOP]
     for fraction in REFINE_STEPS:
         steps = [max(1, round(g * fraction)) for g in grid]
         for _ in range(REFINE_ROUNDS):
