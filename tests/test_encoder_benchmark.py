@@ -200,6 +200,8 @@ def test_methods_table_and_identical_rows() -> None:
     ]
     res = run_benchmark(grids[:9], vols[:9], grids[9:], scorers, cfg, sweep=False)
     assert res["methods"]["dar:enc"]["identical_to"] == "enc"  # zero-mean embeddings: same rule
+    m = res["methods"]["enc"]
+    assert m["pooled_single_families"]["n"] == m["pooled"]["n"] - 9  # the 9 composites left out
     assert "identical_to" not in res["methods"]["raw_voxel_pearson+poses"]
     assert res["methods"]["raw_voxel_pearson+poses"]["families"]["exact"]["0.0"][
         "min_score"
