@@ -7,6 +7,7 @@ made from it; a mismatch at load time is an integrity error. Every function take
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any, Literal
 
@@ -211,10 +212,22 @@ def crop_or_pad(volume: Volume, grid: tuple[int, int, int]) -> Volume:
             dst_sl.append(slice(start, start + n))
             shift.append(-start)
     out[tuple(dst_sl)] = volume.data[tuple(src_sl)]
+    return shifted(volume, out, shift)
+
+
+def shifted(volume: Volume, data: np.ndarray, shift: Sequence[int]) -> Volume:
+    """``data`` as a Volume whose voxel (0, 0, 0) is ``volume``'s voxel ``shift`` (world coords kept).
+
+    Args:
+        volume: the volume ``data`` was cut from or padded out of.
+        data: the new voxels.
+        shift: (X, Y, Z) voxel offset of ``data``'s origin in ``volume`` (negative: padding).
+
+    """
     translate = np.eye(4)
     translate[:3, 3] = shift
     return Volume(
-        data=out,
+        data=data,
         affine=volume.affine @ translate,
         spacing=volume.spacing,
         source=volume.source,

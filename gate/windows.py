@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gate.errors import DomainError
-from gate.preprocess import PreprocessConfig, normalize_for, resample, to_canonical
+from gate.preprocess import PreprocessConfig, normalize_for, resample, shifted, to_canonical
 from gate.values import Neighbours, Volume
 
 STRIDE_FRACTION = 0.25
@@ -156,15 +156,7 @@ def cut(base: Volume, start: Sequence[int], grid: Sequence[int]) -> Volume:
     src = tuple(slice(s, s + g) for s, g in zip(start, grid, strict=True))
     piece = base.data[src]
     data[tuple(slice(0, n) for n in piece.shape)] = piece
-    shift = np.eye(4)
-    shift[:3, 3] = start
-    return Volume(
-        data=data,
-        affine=base.affine @ shift,
-        spacing=base.spacing,
-        source=base.source,
-        patient_id=base.patient_id,
-    )
+    return shifted(base, data, start)
 
 
 def max_over_views(parts: Sequence[Neighbours], k: int) -> Neighbours:
