@@ -49,7 +49,7 @@ from gate.index_manifest import (
     read_manifest,
 )
 from gate.poses import IDENTITY_ONLY, PoseSet
-from gate.values import Embedding, Neighbours
+from gate.values import Embedding, Neighbours, merge_neighbours
 
 SHARDS_FILE = "shards.json"
 SHARD_FORMAT_VERSION = 1
@@ -364,17 +364,6 @@ def check_set(index_dir: Path, manifest: ShardSetManifest, shards: Sequence[Inde
         seen |= ids
     if sum(m.count for m in shards) != manifest.count or len(seen) != manifest.n_patients:
         raise IntegrityError(f"{index_dir}: shard counts do not add up to {SHARDS_FILE}'s; rebuild it")
-
-
-def merge_neighbours(parts: Sequence[Neighbours], k: int) -> Neighbours:
-    """Top ``k`` patients over shards (patients are disjoint across shards, so maxima are exact)."""
-    pairs = [(pid, float(s)) for n in parts for pid, s in zip(n.patient_ids, n.similarities, strict=True)]
-    ranked = sorted(pairs, key=lambda kv: kv[1], reverse=True)[:k]
-    return Neighbours(
-        patient_ids=tuple(pid for pid, _ in ranked),
-        similarities=np.asarray([s for _, s in ranked], dtype=np.float64),
-        exact_duplicate=any(n.exact_duplicate for n in parts),
-    )
 
 
 class ShardedIndex:

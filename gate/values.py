@@ -16,6 +16,7 @@ that writes it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -137,6 +138,24 @@ class Neighbours:
     def nearest_similarity(self) -> float:
         """Cosine similarity to the closest training patient."""
         return float(self.similarities[0])
+
+
+def merge_neighbours(parts: Sequence[Neighbours], k: int) -> Neighbours:
+    """Patient-level maximum over several answers for one candidate, top ``k`` patients.
+
+    The one merge of gate: over index shards (patients disjoint, so each maximum is exact) and
+    over the windows of one candidate (:mod:`gate.windows`; a patient may answer several).
+    """
+    best: dict[str, float] = {}
+    for n in parts:
+        for pid, sim in zip(n.patient_ids, n.similarities, strict=True):
+            best[pid] = max(best.get(pid, -2.0), float(sim))
+    ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:k]
+    return Neighbours(
+        patient_ids=tuple(pid for pid, _ in ranked),
+        similarities=np.asarray([sim for _, sim in ranked], dtype=np.float64),
+        exact_duplicate=any(n.exact_duplicate for n in parts),
+    )
 
 
 class Verdict(StrEnum):

@@ -30,7 +30,7 @@ import numpy as np
 
 from gate.errors import DomainError
 from gate.preprocess import PreprocessConfig, normalize_for, resample, shifted, to_canonical
-from gate.values import Neighbours, Volume
+from gate.values import Neighbours, Volume, merge_neighbours
 
 STRIDE_FRACTION = 0.25
 """Lattice stride as a fraction of the grid per axis (8x12x8 voxels for 32x48x32): a copy is at
@@ -159,20 +159,6 @@ def cut(base: Volume, start: Sequence[int], grid: Sequence[int]) -> Volume:
     return shifted(base, data, start)
 
 
-def max_over_views(parts: Sequence[Neighbours], k: int) -> Neighbours:
-    """Patient-level maximum over several views of one candidate, top ``k`` patients."""
-    best: dict[str, float] = {}
-    for n in parts:
-        for pid, s in zip(n.patient_ids, n.similarities, strict=True):
-            best[pid] = max(best.get(pid, -2.0), float(s))
-    ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:k]
-    return Neighbours(
-        patient_ids=tuple(pid for pid, _ in ranked),
-        similarities=np.asarray([s for _, s in ranked], dtype=np.float64),
-        exact_duplicate=any(n.exact_duplicate for n in parts),
-    )
-
-
 Judge = Callable[[list[np.ndarray]], list[Neighbours]]
 """Embed and search preprocessed grid-sized windows (float32, shape ``config.grid``), in order."""
 
@@ -261,4 +247,4 @@ def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int
                 break
             best = nxt
     best_start = max(found, key=top1)
-    return WindowResult(max_over_views(list(found.values()), k), len(found), best_start)
+    return WindowResult(merge_neighbours(list(found.values()), k), len(found), best_start)

@@ -20,7 +20,8 @@ from gate.domain import check_in_domain, measure_domain
 from gate.errors import DomainError
 from gate.preprocess import PreprocessConfig
 from gate.values import Neighbours, Volume
-from gate.windows import count_windows, cut, judge_windows, lattice, max_over_views, needs_windows
+from gate.values import merge_neighbours as max_over_views
+from gate.windows import count_windows, cut, judge_windows, lattice, needs_windows
 from tests.test_domain import paste
 from tests.volumes import make_blob
 

@@ -6,7 +6,7 @@ Stages (the driver is this process)::
     map_batches task per ``batch_size`` sources, materialized; the grids stay in its blocks in
     the object store) -> embed (EmbedActor pool, one gate.embed.Encoder each, fed the blocks by
     reference; CPU or ``num_gpus`` with CUDA checked) -> search (one ShardActor per index shard,
-    each a verified TrainingIndex; answers merged by gate.shards.merge_neighbours) -> decide +
+    each a verified TrainingIndex; answers merged by gate.values.merge_neighbours) -> decide +
     audit (driver, in input order, one writer).
 
 Fault handling: actors restart (``max_restarts``) and their calls are retried
@@ -52,11 +52,10 @@ from gate.shards import (
     EncoderIdentity,
     check_set,
     is_sharded,
-    merge_neighbours,
     read_shard_set,
     verify_shard_files,
 )
-from gate.values import Embedding, Neighbours, Volume
+from gate.values import Embedding, Neighbours, Volume, merge_neighbours
 from gate.volume import ReadOptions, discover, read_volumes
 
 log = logging.getLogger(__name__)
