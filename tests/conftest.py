@@ -39,3 +39,18 @@ def _site_keys_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     import os
 
     os.environ["GATE_KEY_DIR"] = str(tmp_path_factory.mktemp("site-keys"))
+
+
+@pytest.fixture
+def shipped_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip without the shipped encoder and index; point the key and the audit log into tmp_path."""
+    from gate.embed import DEFAULT_ENCODER_DIR
+    from gate.index import DEFAULT_INDEX_DIR
+
+    if (
+        not (DEFAULT_INDEX_DIR / "manifest.json").is_file()
+        or not (DEFAULT_ENCODER_DIR / "encoder.json").is_file()
+    ):
+        pytest.skip("no shipped encoder / index in gate/models")
+    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
+    monkeypatch.setenv("GATE_AUDIT_LOG", str(tmp_path / "audit.jsonl"))

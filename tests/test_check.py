@@ -273,18 +273,8 @@ def test_real_onnx_encoder_end_to_end(
 
 @pytest.mark.realdata
 def test_shipped_index_rejects_real_training_copies(
-    hippocampus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hippocampus_dir: Path, tmp_path: Path, shipped_models: None
 ) -> None:
-    from gate.embed import DEFAULT_ENCODER_DIR
-    from gate.index import DEFAULT_INDEX_DIR
-
-    if (
-        not (DEFAULT_INDEX_DIR / "manifest.json").is_file()
-        or not (DEFAULT_ENCODER_DIR / "encoder.json").is_file()
-    ):
-        pytest.skip("no shipped encoder / index in gate/models")
-    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
-    monkeypatch.setenv("GATE_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
     cand = tmp_path / "cand"
     cand.mkdir()
     for name in ("hippocampus_001.nii.gz", "hippocampus_150.nii.gz"):

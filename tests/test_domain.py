@@ -118,18 +118,8 @@ def paste(
 
 @pytest.mark.realdata
 def test_large_candidates_are_refused_by_the_shipped_index(
-    hippocampus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hippocampus_dir: Path, tmp_path: Path, shipped_models: None
 ) -> None:
-    from gate.embed import DEFAULT_ENCODER_DIR
-    from gate.index import DEFAULT_INDEX_DIR
-
-    if (
-        not (DEFAULT_INDEX_DIR / "manifest.json").is_file()
-        or not (DEFAULT_ENCODER_DIR / "encoder.json").is_file()
-    ):
-        pytest.skip("no shipped encoder / index in gate/models")
-    monkeypatch.setenv("GATE_ID_KEY_FILE", str(tmp_path / "key"))
-    monkeypatch.setenv("GATE_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
     cand = tmp_path / "cand"
     cand.mkdir()
     source = nib.load(hippocampus_dir / "hippocampus_001.nii.gz")
