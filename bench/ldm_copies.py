@@ -523,7 +523,7 @@ def cmd_ceiling(args: argparse.Namespace) -> None:
     files = _training_files(Path(args.data))
     config = _index_preprocess(Path(args.index))
     rows = []
-    for d in labels["design"]["volumes"]:
+    for d in json.loads(Path(args.design).read_text())["volumes"]:
         x = _preprocess_files([files[d["file_index"]]], config)[0]
         with torch.no_grad():
             z_mu, _ = gen.autoencoder.encode(torch.from_numpy(x)[None, None])
@@ -976,6 +976,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ce.add_argument("--labels", default=str(RUNS / "labels.json"))
     ce.add_argument("--data", default=str(DATA))
     ce.add_argument("--index", default=str(ROOT / "gate" / "models" / "index"))
+    ce.add_argument("--design", default=str(RUNS / "design.json"))
     ce.add_argument("--threads", type=int, default=1)
     ce.add_argument("--out", default=str(RUNS / "ceiling.json"))
     ce.set_defaults(fn=cmd_ceiling)
