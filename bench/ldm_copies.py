@@ -687,9 +687,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     thr = thresholds_from(labels)
     gate_by_policy = {}
     timing = {}
-    for policy in args.policy:
+    for spec in args.policy:  # a shipped name or a .yaml path (keyed by its stem)
+        policy = Path(spec).stem if spec.endswith((".yaml", ".yml")) else spec
         t = time.perf_counter()
-        gate_by_policy[policy] = _gate_decisions(samples, rows, Path(args.index), Path(args.encoder), policy)
+        gate_by_policy[policy] = _gate_decisions(samples, rows, Path(args.index), Path(args.encoder), spec)
         timing[policy] = time.perf_counter() - t
     dar = _dar_scores(samples, rows, Path(args.data), Path(args.index), Path(args.encoder))
     methods = _methods_table(ref, rows, gate_by_policy, dar)
