@@ -128,3 +128,37 @@ def test_reference_thresholds_from_measured_distributions() -> None:
     t = L.thresholds_from(labels)
     assert t["similar"] == 0.78 and t["duplicate"] == pytest.approx(0.92)
     assert L.reference_grades(labels) == ["similar", "duplicate", "duplicate", "different"]
+
+
+def test_methods_table_and_report_on_a_small_synthetic_run() -> None:
+    rng = np.random.default_rng(3)
+    ref = ["different"] * 10 + ["similar"] * 6 + ["duplicate"] * 4
+    base = {"different": 0.7, "similar": 0.85, "duplicate": 0.95}
+    rows = [
+        {k: base[g] + rng.normal(0, 0.005) for k in ("pixel_ssim", "pixel_pearson", "aligned_ssim")}
+        for g in ref
+    ]
+    perfect = [{"grade": g, "verdict": "pass" if g == "different" else "reject"} for g in ref]
+    dar = {"threshold": 0.8, "scores": [base[g] for g in ref]}
+    methods = L._methods_table(ref, rows, {"strict": perfect}, dar)
+    assert methods["gate_strict"]["all"]["macro_f1"] == 1.0
+    assert methods["pixel_pearson"]["test"]["macro_f1"] == 1.0
+    assert methods["dar_binary"]["all"]["recall"] == 1.0 and methods["dar_binary"]["all"]["precision"] == 1.0
+    out = {
+        "n_samples": len(ref),
+        "index": "i",
+        "encoder": "e",
+        "reference_thresholds": {"similar": 0.8, "duplicate": 0.9},
+        "reference_counts": {"mem": {"different": 0, "similar": 6, "duplicate": 4}},
+        "methods": methods,
+        "policies": {
+            "strict": {
+                "passed": 10,
+                "passed_closer_than_any_two_real_patients": 0,
+                "passed_by_reference_grade": {"different": 10, "similar": 0, "duplicate": 0},
+            }
+        },
+    }
+    text = L.report_markdown(out)
+    assert "| gate `strict` | all | 1.000 |" in text
+    assert "| strict | 10 | 0 | 10 / 0 / 0 |" in text
