@@ -36,6 +36,7 @@ class CalibrationMethod(StrEnum):
 
     HOLDOUT = "holdout"
     LEAVE_ONE_PATIENT_OUT = "leave_one_patient_out"
+    SIMULATED_COPIES = "simulated_copies"
 
 
 class Calibration(BaseModel):

@@ -94,7 +94,7 @@ class PoseSet(BaseModel):
         return len(self.poses)
 
 
-def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+def rotation_matrix(angles_rad: np.ndarray) -> np.ndarray:
     """(3,) angles about X, Y, Z -> (3, 3) matrix Rz @ Ry @ Rx (as gate.encoder.augment)."""
     cx, cy, cz = np.cos(angles_rad)
     sx, sy, sz = np.sin(angles_rad)
@@ -124,7 +124,7 @@ def apply_pose(grid: np.ndarray, pose: Pose) -> np.ndarray:
     if not any(pose.rotate_deg) and not any(pose.translate_vox):
         return np.ascontiguousarray(src, dtype=np.float32)
     half = (np.asarray(grid.shape, dtype=np.float64) - 1.0) / 2.0
-    rot = _rotation(np.radians(np.asarray(pose.rotate_deg, dtype=np.float64)))
+    rot = rotation_matrix(np.radians(np.asarray(pose.rotate_deg, dtype=np.float64)))
     t = np.asarray(pose.translate_vox, dtype=np.float64)
     # output voxel o -> input voxel R^T (o - c - t) + c
     matrix = rot.T
@@ -252,5 +252,21 @@ turns (86 poses) brought them back to 1.000, every family >= 0.99, pooled AUROC 
 IDENTITY_ONLY = PoseSet(poses=(Pose(),))
 """No extra poses: the index holds each training volume once."""
 
-POSE_SETS: dict[str, PoseSet] = {"default": DEFAULT_POSES, "none": IDENTITY_ONLY}
+
+def _compact_poses() -> PoseSet:
+    poses = [Pose(), Pose(flip=True)]
+    for axis in range(3):
+        for deg in (-10.0, 10.0):
+            r = [0.0, 0.0, 0.0]
+            r[axis] = deg
+            poses.append(Pose(rotate_deg=(r[0], r[1], r[2])))
+    return PoseSet(poses=tuple(poses))
+
+
+COMPACT_POSES = _compact_poses()
+"""8 poses for an index that verifies (:mod:`gate.verify`): identity, left-right flip, and turns of
+10 degrees either way about each axis. Shifts, crop shifts and cuts are left to verification's
+exhaustive shift search, so only what a shift cannot undo (mirroring, rotation) is enumerated."""
+
+POSE_SETS: dict[str, PoseSet] = {"default": DEFAULT_POSES, "compact": COMPACT_POSES, "none": IDENTITY_ONLY}
 """Named pose sets for ``gate index build --poses``."""

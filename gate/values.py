@@ -107,12 +107,19 @@ class Neighbours:
         similarities: cosine similarity in [-1, 1] (higher = closer), float64 (k,),
             non-increasing. Converted from hnswlib's ``1 - cos`` once, at the index boundary.
         exact_duplicate: True when the candidate's voxel hash equals a training volume's.
+        matched: per patient, (the patient's volume number in index row order, pose number) of
+            its closest index row: what :mod:`gate.verify` aligns the candidate to. Empty when
+            not known (the Ray shard fan-out fills it too).
+        verified: per patient, the verified score (:mod:`gate.verify`: best masked NCC over
+            integer shifts, in [-1, 1]) in ``patient_ids`` order; None when not verified.
 
     """
 
     patient_ids: tuple[str, ...]
     similarities: np.ndarray
     exact_duplicate: bool = False
+    matched: tuple[tuple[int, int], ...] = ()
+    verified: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.patient_ids) == 0:
@@ -128,6 +135,25 @@ class Neighbours:
             raise ValueError("Neighbours.similarities must be cosine similarities in [-1, 1]")
         if np.any(np.diff(self.similarities) > 1e-9):
             raise ValueError("Neighbours.similarities must be sorted closest first")
+        if self.matched and len(self.matched) != len(self.patient_ids):
+            raise ValueError(
+                f"Neighbours.matched holds {len(self.matched)} entries for {len(self.patient_ids)} patients"
+            )
+        if self.verified is not None:
+            if self.verified.shape != (len(self.patient_ids),) or not np.all(np.isfinite(self.verified)):
+                raise ValueError("Neighbours.verified must be one finite score per patient")
+            if np.any(np.abs(self.verified) > 1.0 + 1e-6):
+                raise ValueError("Neighbours.verified must be correlations in [-1, 1]")
+
+    @property
+    def nearest_verified(self) -> float | None:
+        """The highest verified score over the reported patients (None when not verified)."""
+        return None if self.verified is None else float(self.verified.max())
+
+    @property
+    def verified_patient_id(self) -> str | None:
+        """The patient with the highest verified score (None when not verified)."""
+        return None if self.verified is None else self.patient_ids[int(self.verified.argmax())]
 
     @property
     def nearest_id(self) -> str:
@@ -147,14 +173,25 @@ def merge_neighbours(parts: Sequence[Neighbours], k: int) -> Neighbours:
     over the windows of one candidate (:mod:`gate.windows`; a patient may answer several).
     """
     best: dict[str, float] = {}
+    matched: dict[str, tuple[int, int]] = {}
+    verified: dict[str, float] = {}
     for n in parts:
-        for pid, sim in zip(n.patient_ids, n.similarities, strict=True):
-            best[pid] = max(best.get(pid, -2.0), float(sim))
+        for i, (pid, sim) in enumerate(zip(n.patient_ids, n.similarities, strict=True)):
+            if float(sim) > best.get(pid, -2.0):
+                best[pid] = float(sim)
+                if n.matched:
+                    matched[pid] = n.matched[i]
+            if n.verified is not None:
+                verified[pid] = max(verified.get(pid, -1.0), float(n.verified[i]))
     ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:k]
+    ids = tuple(pid for pid, _ in ranked)
+    all_verified = all(n.verified is not None for n in parts)
     return Neighbours(
-        patient_ids=tuple(pid for pid, _ in ranked),
+        patient_ids=ids,
         similarities=np.asarray([sim for _, sim in ranked], dtype=np.float64),
         exact_duplicate=any(n.exact_duplicate for n in parts),
+        matched=tuple(matched[p] for p in ids) if all(p in matched for p in ids) else (),
+        verified=np.asarray([verified.get(p, -1.0) for p in ids]) if all_verified else None,
     )
 
 
@@ -192,6 +229,9 @@ class Decision:
         policy_id: the policy's name, e.g. ``strict``.
         policy_sha256: sha256 of the policy file's bytes.
         exact_duplicate: True when the voxel-hash check matched a training volume.
+        details: resolved thresholds and, on a verifying index, ``verified`` (the verified
+            score) and its ``verified_similar_threshold`` / ``verified_duplicate_threshold``.
+        verified_patient_id: on a verifying index, the patient with the highest verified score.
 
     """
 
@@ -204,6 +244,7 @@ class Decision:
     policy_sha256: str
     exact_duplicate: bool = False
     details: dict[str, float] = field(default_factory=dict)
+    verified_patient_id: str | None = None
 
     @property
     def passed(self) -> bool:

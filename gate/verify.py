@@ -1,0 +1,845 @@
+"""Retrieve, then verify: score a candidate against its retrieved training patients' voxels.
+
+The encoder retrieves; this stage checks. For each of the top-k patients the index retrieved,
+the candidate's preprocessed grid (with a margin of its own context) is aligned to each of the
+patient's stored training grids by an exhaustive integer-shift search and scored by their
+normalised cross-correlation (NCC) over the voxels both actually hold (masked NCC, Padfield
+2012): zero padding on either side is not anatomy and is left out, so a copy cut short or
+shifted by a few voxels scores as the copy it is. The verified score of a patient is the max
+over its volumes and over the shifts; the decision grades it beside the cosine
+(:mod:`gate.decide`).
+
+Every correlation is one FFT product (:func:`scipy.fft.rfftn`), so the cost is ~9 FFTs of the
+margin-enlarged grid per training volume verified, whatever the shift range. Pure numpy +
+scipy: ``gate check`` does not need torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import fft
+
+from gate.calibration import Calibration, CalibrationMethod
+from gate.errors import IntegrityError
+from gate.poses import PoseSet, apply_pose, rotation_matrix
+from gate.preprocess import PreprocessConfig, crop_or_pad, preprocess_uncropped
+from gate.values import Neighbours, Volume, merge_neighbours
+
+if TYPE_CHECKING:
+    from gate.index_manifest import EmbeddingModel
+
+MAX_SHIFT_VOX = 8
+"""Shifts searched per axis, voxels (+-): the benchmark's widest translation and crop shift (8
+voxels, FAMILIES in gate.encoder.benchmark), a quarter of the 32-voxel axes."""
+
+MIN_OVERLAP = 0.5
+"""A shift counts only where the candidate and the training grid overlap on at least this
+fraction of the training grid's valid voxels: NCC over a thin sliver of tissue is noise (a
+correlation of a few hundred voxels reaches 0.9 by chance on smooth MR)."""
+
+VARIANCE_FLOOR = 1e-6
+"""Minimum variance (intensities in [0, 1]) of either side over the overlap; a flat overlap has
+no correlation to measure and scores 0."""
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """The best alignment of a candidate to one training grid.
+
+    Attributes:
+        ncc: masked normalised cross-correlation in [-1, 1] at the best shift.
+        shift: (3,) integer voxels moving the training grid onto the candidate's grid.
+        overlap: fraction of the training grid's valid voxels the candidate covers there.
+
+    """
+
+    ncc: float
+    shift: tuple[int, int, int]
+    overlap: float
+
+
+def valid_region(shape: Sequence[int], grid: Sequence[int], margin: int = 0) -> np.ndarray:
+    """Where a centred crop/pad of a ``shape`` volume onto ``grid`` (+ margin) holds its voxels.
+
+    Args:
+        shape: (X, Y, Z) of the resampled, uncropped volume.
+        grid: the preprocessing grid.
+        margin: extra voxels on every side (:func:`gate.preprocess.preprocess_with_margin`).
+
+    Returns:
+        bool (X', Y', Z') with ``X' = grid[0] + 2 margin``: True on voxels from the volume.
+
+    """
+    ones = np.pad(np.ones(tuple(int(s) for s in shape), dtype=np.float32), margin)
+    wide = tuple(int(g) + 2 * margin for g in grid)
+    vol = Volume(ones, np.eye(4), (1.0, 1.0, 1.0), "mask", "mask")
+    return crop_or_pad(vol, wide).data > 0.5  # type: ignore[arg-type]
+
+
+def grid_with_mask(
+    volume: Volume, config: PreprocessConfig, margin: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The preprocessed grid of ``volume`` with ``margin`` voxels of context, and where it is real.
+
+    Args:
+        volume: as read from disk.
+        config: the index's preprocessing.
+        margin: voxels of context on every side.
+
+    Returns:
+        float32 (X + 2m, Y + 2m, Z + 2m) in [0, 1] (the centre window equals
+        :func:`gate.preprocess.preprocess`) and its bool validity mask.
+
+    """
+    v = preprocess_uncropped(volume, config)
+    padded = np.pad(v.data, margin, mode="constant", constant_values=0.0)
+    wide = tuple(g + 2 * margin for g in config.grid)
+    out = crop_or_pad(Volume(padded, np.eye(4), v.spacing, v.source, v.patient_id), wide)  # type: ignore[arg-type]
+    return out.data, valid_region(v.data.shape, config.grid, margin)
+
+
+def trim_empty_planes(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``mask`` without the boundary planes that hold nothing but zeros.
+
+    A slab of exact zeros at a grid's edge is padding, whoever added it: the preprocessing
+    (a scan smaller than the grid), a cut field of view, or a copy shifted with zero fill. It
+    carries no anatomy, so it must not count for or against a match; walking in from each side,
+    planes whose real voxels are all zero are dropped from the mask.
+
+    Args:
+        image: float (X, Y, Z).
+        mask: bool, same shape.
+
+    Returns:
+        A new bool mask.
+
+    """
+    keep = mask.copy()
+    empty = (image == 0) | ~mask
+    for axis in range(3):
+        planes = np.moveaxis(empty, axis, 0).reshape(image.shape[axis], -1).all(axis=1)
+        n = len(planes)
+        lo = 0
+        while lo < n and planes[lo]:
+            lo += 1
+        hi = n
+        while hi > lo and planes[hi - 1]:
+            hi -= 1
+        index = [slice(None)] * 3
+        index[axis] = slice(0, lo)
+        keep[tuple(index)] = False
+        index[axis] = slice(hi, n)
+        keep[tuple(index)] = False
+    return keep
+
+
+class View:
+    """A candidate grid with its margin, ready to be aligned to many training grids.
+
+    Holds the spectra of the candidate side once, and the overlap sums that depend only on a
+    template's mask (most training grids share the full-grid mask), so each further template
+    costs two forward and three inverse FFTs.
+
+    Args:
+        image: float (X + 2S, Y + 2S, Z + 2S), S = the margin, intensities in [0, 1].
+        mask: bool, same shape: True where the candidate holds voxels.
+
+    """
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray) -> None:
+        if image.shape != mask.shape or image.ndim != 3:
+            raise ValueError(
+                f"a View needs a 3D image and a mask of its shape; got {image.shape}, {mask.shape}"
+            )
+        mask = trim_empty_planes(image, mask)
+        self.image, self.mask = image, mask
+        self.shape = tuple(int(s) for s in image.shape)
+        m = mask.astype(np.float32)
+        # NCC ignores an offset: centring keeps the float32 sums small (no cancellation)
+        x = (image.astype(np.float32) - np.float32(image[mask].mean() if mask.any() else 0.0)) * m
+        self._spec = tuple(fft.rfftn(a, self.shape) for a in (m, x, x * x))
+        self._by_mask: dict[bytes, tuple[np.ndarray, ...]] = {}
+        self._coarse: View | None = None
+
+    def _corr(self, a: np.ndarray, b: np.ndarray, tshape: tuple[int, ...]) -> np.ndarray:
+        valid = tuple(slice(t - 1, f) for t, f in zip(tshape, self.shape, strict=True))
+        return fft.irfftn(a * b, self.shape)[valid].astype(np.float64)
+
+    def _mask_terms(self, template_mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        key = template_mask.shape.__repr__().encode() + np.packbits(template_mask).tobytes()
+        if key not in self._by_mask:
+            flip = (slice(None, None, -1),) * 3
+            mt = fft.rfftn(template_mask[flip].astype(np.float32), self.shape)
+            mi, xi, xi2 = self._spec
+            ts = template_mask.shape
+            self._by_mask[key] = (mt, self._corr(mt, mi, ts), self._corr(mt, xi, ts), self._corr(mt, xi2, ts))
+        return self._by_mask[key]
+
+    def coarse(self) -> View:
+        """This view at half resolution (2x2x2 means; real where at least half of a block is)."""
+        if self._coarse is None:
+            self._coarse = View(_half(self.image * self.mask), _half(self.mask.astype(np.float32)) >= 0.5)
+        return self._coarse
+
+    def align(self, template: np.ndarray, template_mask: np.ndarray) -> Aligned:
+        """Best masked NCC of ``template`` over every integer placement inside this view.
+
+        Args:
+            template: float (X, Y, Z) training grid.
+            template_mask: bool (X, Y, Z), True where the template holds anatomy.
+
+        Returns:
+            The best alignment (shift 0 = the template on the view's centre window); NCC -1
+            when no placement overlaps enough (:data:`MIN_OVERLAP`).
+
+        """
+        tshape = tuple(int(t) for t in template.shape)
+        flip = (slice(None, None, -1),) * 3
+        tm = template_mask[flip].astype(np.float32)
+        offset = np.float32(template[template_mask].mean() if template_mask.any() else 0.0)
+        tx = (template[flip].astype(np.float32) - offset) * tm
+        _, n, s_i, s_ii = self._mask_terms(template_mask)
+        mi, xi, _ = self._spec
+        xt = fft.rfftn(tx, self.shape)
+        xt2 = fft.rfftn(tx * tx, self.shape)
+        s_t, s_tt, s_ti = self._corr(xt, mi, tshape), self._corr(xt2, mi, tshape), self._corr(xt, xi, tshape)
+        total = float(template_mask.sum())
+        n_safe = np.maximum(n, 1.0)
+        cov = s_ti - s_t * s_i / n_safe
+        var_t = s_tt - s_t * s_t / n_safe
+        var_i = s_ii - s_i * s_i / n_safe
+        floor = VARIANCE_FLOOR * n_safe
+        ok = (n >= MIN_OVERLAP * total - 0.5) & (var_t > floor) & (var_i > floor)
+        ncc = np.where(ok, cov / np.sqrt(np.maximum(var_t * var_i, 1e-30)), -1.0)
+        pos = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+        margin = [(f - t) // 2 for f, t in zip(self.shape, tshape, strict=True)]
+        return Aligned(
+            ncc=float(np.clip(ncc[pos], -1.0, 1.0)),
+            shift=tuple(int(p - m) for p, m in zip(pos, margin, strict=True)),  # type: ignore[arg-type]
+            overlap=float(n[pos] / max(total, 1.0)),
+        )
+
+
+VERIFY_K = 20
+"""Patients verified per candidate (retrieval depth), whatever a policy's ``k`` reports: the
+verified score is the max over them. Blurred copies made by a real memorizing LDM
+(docs/ldm_copies.md) had their source outside the encoder's top 5 (6 of 360 samples passed strict,
+verified 0.76-0.77 against the wrong patients); at depth 20 five of them verified 0.86-0.87
+against their source, at 50 all six. Each patient beyond the first costs one half-resolution
+alignment per trial pose (~1.5 ms); bench/verify_cost.py."""
+
+
+def stored_grid(grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A training grid as ``grids.npy`` stores it: float16, NaN where it holds no anatomy.
+
+    NaN where ``mask`` is False and on boundary planes of zeros (:func:`trim_empty_planes`).
+    """
+    out = grid.astype(np.float16)
+    out[~trim_empty_planes(grid, mask)] = np.float16(np.nan)
+    return out
+
+
+ROTATION_STEPS_DEG: tuple[float, ...] = (4.0, 2.0)
+"""Step sizes of the rotation search (coordinate descent over the three angles, at half
+resolution, around the pose that retrieved the patient). A shift search cannot undo a turn:
+NCC of a copy turned 10 degrees about a random axis fell to a median 0.82 aligned by shifts
+alone (runs/verify, msd_hippocampus), inside the range of real other patients."""
+
+ROTATION_ROUNDS = 2
+"""Descent moves per step size."""
+
+REFINE_PATIENTS = 1
+"""Patients (the best by half-resolution NCC) whose alignment is refined by the rotation search
+and re-scored at full resolution. With 2, the 24 simulated copies of the 12-patient test index
+scored the same (the copied patient ranked first at half resolution every time) at 1.4x the cost."""
+
+
+def _half(x: np.ndarray) -> np.ndarray:
+    """2x2x2 block means (odd trailing voxels dropped)."""
+    a, b, c = (n // 2 * 2 for n in x.shape)
+    y = x[:a, :b, :c].astype(np.float32)
+    return y.reshape(a // 2, 2, b // 2, 2, c // 2, 2).mean(axis=(1, 3, 5))
+
+
+def _ncc_at(
+    template: np.ndarray, tmask: np.ndarray, image: np.ndarray, imask: np.ndarray, start: Sequence[int]
+) -> float:
+    """Masked NCC of ``template`` against ``image`` at one integer placement ``start``."""
+    sl = tuple(slice(int(o), int(o) + int(t)) for o, t in zip(start, template.shape, strict=True))
+    win, wmask = image[sl], imask[sl]
+    if win.shape != template.shape:
+        return -1.0
+    m = tmask & wmask
+    n = int(m.sum())
+    if n < MIN_OVERLAP * max(int(tmask.sum()), 1):
+        return -1.0
+    a = template[m].astype(np.float64)
+    b = win[m].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > VARIANCE_FLOOR * n else -1.0
+
+
+_INDICES: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _voxel_indices(shape: tuple[int, ...]) -> np.ndarray:
+    """float64 (3, X*Y*Z) voxel coordinates of a grid (cached per shape; read-only)."""
+    if shape not in _INDICES:
+        idx = np.indices(shape, dtype=np.float64).reshape(3, -1)
+        idx.setflags(write=False)
+        _INDICES[shape] = idx
+    return _INDICES[shape]
+
+
+def _turned(
+    grid: np.ndarray, mask: np.ndarray, flip: bool, angles: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A grid and its mask mirrored (axis X) and turned about the grid centre, trilinear, zeros outside.
+
+    The same mapping as :func:`gate.poses.apply_pose` (output voxel ``o`` samples the input at
+    ``R^T (o - c) + c``), computed once for both arrays in numpy: scipy's ``affine_transform``
+    called twice took 1.8 ms per half-resolution turn here, 70% of the verification time.
+    """
+    if flip:
+        grid, mask = grid[::-1], mask[::-1]
+    if not any(angles):
+        return np.ascontiguousarray(grid, dtype=np.float32), np.ascontiguousarray(mask)
+    shape = tuple(int(n) for n in grid.shape)
+    rot = rotation_matrix(np.radians(np.asarray(angles, dtype=np.float64)))
+    centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    coords = rot.T @ (_voxel_indices(shape) - centre[:, None]) + centre[:, None]
+    base = np.floor(coords).astype(np.int64)
+    frac = coords - base
+    full = bool(mask.all())
+    flat_g = np.ascontiguousarray(grid, dtype=np.float32).ravel()
+    flat_m = np.ascontiguousarray(mask, dtype=np.float32).ravel()
+    out_g = np.zeros(coords.shape[1], dtype=np.float64)
+    out_m = np.zeros(coords.shape[1], dtype=np.float64)
+    strides = (shape[1] * shape[2], shape[2], 1)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                cx, cy, cz = base[0] + dx, base[1] + dy, base[2] + dz
+                inside = (
+                    (cx >= 0) & (cx < shape[0]) & (cy >= 0) & (cy < shape[1]) & (cz >= 0) & (cz < shape[2])
+                )
+                w = (
+                    (frac[0] if dx else 1.0 - frac[0])
+                    * (frac[1] if dy else 1.0 - frac[1])
+                    * (frac[2] if dz else 1.0 - frac[2])
+                    * inside
+                )
+                at = np.where(inside, cx * strides[0] + cy * strides[1] + cz * strides[2], 0)
+                out_g += w * flat_g[at]
+                if not full:
+                    out_m += w * flat_m[at]
+    if full:  # a full mask turned: real where the sample point is within half a voxel of the grid
+        lo, hi = -0.5, np.asarray(shape, dtype=np.float64)[:, None] - 0.5
+        out_m = np.all((coords >= lo) & (coords <= hi), axis=0).astype(np.float64)
+    return (
+        np.clip(out_g, 0.0, 1.0).reshape(shape).astype(np.float32),
+        out_m.reshape(shape) > 0.5,
+    )
+
+
+def refine_rotation(
+    coarse: View,
+    grid_c: np.ndarray,
+    mask_c: np.ndarray,
+    flip: bool,
+    start_deg: Sequence[float],
+    start: Aligned,
+) -> tuple[float, float, float]:
+    """Search small turns of a half-resolution training grid against a half-resolution view.
+
+    Coordinate descent over the three angles (:data:`ROTATION_STEPS_DEG`), each turn scored by
+    masked NCC at the placement of ``start`` (the best shift of the start pose).
+
+    Args:
+        coarse: the candidate at half resolution (:meth:`View.coarse`).
+        grid_c: the training grid at half resolution, unposed, float32.
+        mask_c: its validity mask.
+        flip: mirror it first.
+        start_deg: the turn to start from, degrees about X, Y, Z.
+        start: the start pose's alignment on ``coarse``.
+
+    Returns:
+        The best angles found, degrees.
+
+    """
+    margin = [(v - t) // 2 for v, t in zip(coarse.shape, grid_c.shape, strict=True)]
+    at = [m + sh for m, sh in zip(margin, start.shift, strict=True)]
+
+    def score(angles: Sequence[float]) -> float:
+        t, m = _turned(grid_c, mask_c, flip, angles)
+        return _ncc_at(t, m, coarse.image, coarse.mask, at)
+
+    angles = [float(a) for a in start_deg]
+    best = score(angles)
+    for step in ROTATION_STEPS_DEG:
+        for _ in range(ROTATION_ROUNDS):
+            moved = False
+            for axis in range(3):
+                for sign in (-1.0, 1.0):
+                    trial = list(angles)
+                    trial[axis] += sign * step
+                    value = score(trial)
+                    if value > best:
+                        best, angles, moved = value, trial, True
+            if not moved:
+                break
+    return angles[0], angles[1], angles[2]
+
+
+class Verifier:
+    """The training grids of one index (or shard set), aligned to candidates on request.
+
+    Args:
+        grids: per training volume (index row order), float16 (X, Y, Z), NaN = padding.
+        patient_ids: per training volume, its pseudonymous patient id.
+        poses: the index's pose set (a neighbour's ``matched`` pose number refers to it).
+        config: the index's preprocessing.
+        max_shift: shifts searched per axis, voxels.
+
+    """
+
+    def __init__(
+        self,
+        grids: Sequence[np.ndarray],
+        patient_ids: Sequence[str],
+        poses: PoseSet,
+        config: PreprocessConfig,
+        max_shift: int,
+    ) -> None:
+        if len(grids) != len(patient_ids):
+            raise ValueError(f"{len(grids)} grids for {len(patient_ids)} patient ids")
+        self.poses, self.config, self.max_shift = poses, config, max_shift
+        self._grids = list(grids)
+        self._volumes: dict[str, list[int]] = {}
+        for i, pid in enumerate(patient_ids):
+            self._volumes.setdefault(pid, []).append(i)
+
+    def view(self, volume: Volume) -> View:
+        """The candidate ``volume`` with :attr:`max_shift` voxels of its own context."""
+        return View(*grid_with_mask(volume, self.config, self.max_shift))
+
+    def template(self, patient_id: str, volume: int, pose: int) -> tuple[np.ndarray, np.ndarray]:
+        """A patient's training grid and mask under the on-grid part of a pose.
+
+        Raises:
+            IntegrityError: the patient, its volume or the pose is not in this index.
+
+        """
+        vols = self._volumes.get(patient_id)
+        if vols is None or not 0 <= volume < len(vols) or not 0 <= pose < len(self.poses):
+            raise IntegrityError(
+                f"verification: patient {patient_id} volume {volume} pose {pose} is not in the index; "
+                "the search and the verification disagree about the index; rebuild it"
+            )
+        stored = self._grids[vols[volume]]
+        mask = np.isfinite(stored)
+        grid = np.where(mask, stored, 0).astype(np.float32)
+        p = self.poses.poses[pose]
+        if p.on_grid_identity:
+            return grid, mask
+        return apply_pose(grid, p), apply_pose(mask.astype(np.float32), p) > 0.5
+
+    def verify(self, neighbours: Neighbours, view: View) -> Neighbours:
+        """``neighbours`` with the verified score of each of its patients filled in.
+
+        Each patient's matched training grid is aligned as it is and under the pose that
+        retrieved it; the better masked NCC is its verified score.
+
+        Raises:
+            IntegrityError: ``neighbours`` does not say which rows matched.
+
+        """
+        if not neighbours.matched:
+            raise IntegrityError(
+                "verification needs the matched index rows of every neighbour; the search returned none"
+            )
+        coarse = view.coarse()
+        scores: list[float] = []
+        found: list[tuple[float, int, int, bool, tuple[float, float, float], Aligned]] = []
+        for i, (pid, (volume, pose)) in enumerate(
+            zip(neighbours.patient_ids, neighbours.matched, strict=True)
+        ):
+            p = self.poses.poses[pose] if 0 <= pose < len(self.poses) else None
+            trials = [(False, (0.0, 0.0, 0.0))]
+            if p is not None and not p.on_grid_identity:
+                trials.append((p.flip, p.rotate_deg))
+            if p is not None and not p.flip:
+                trials.append((True, (0.0, 0.0, 0.0)))  # a mirrored copy the encoder did not tell apart
+            grid_c, mask_c = self._coarse_template(pid, volume)
+            best: tuple[Aligned, bool, tuple[float, float, float]] | None = None
+            for flip, angles in trials:
+                a = coarse.align(*_turned(grid_c, mask_c, flip, angles))
+                if best is None or a.ncc > best[0].ncc:
+                    best = (a, flip, angles)
+            if best is None:  # trials is never empty
+                raise IntegrityError("verification tried no alignment")
+            scores.append(best[0].ncc)
+            found.append((best[0].ncc, i, volume, best[1], best[2], best[0]))
+        for _, i, volume, flip, angles, aligned in sorted(found, key=lambda t: -t[0])[:REFINE_PATIENTS]:
+            pid = neighbours.patient_ids[i]
+            grid_c, mask_c = self._coarse_template(pid, volume)
+            turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
+            grid, mask = self.template(pid, volume, 0)
+            scores[i] = view.align(*_turned(grid, mask, flip, turn)).ncc
+        return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
+
+    def _coarse_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
+        grid, mask = self.template(patient_id, volume, 0)
+        return _half(grid * mask), _half(mask.astype(np.float32)) >= 0.5
+
+    def _posed(
+        self, patient_id: str, volume: int, pose: int, flip: bool, angles: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        grid, mask = self.template(patient_id, volume, 0)
+        if not flip and not any(angles):
+            return grid, mask
+        return _turned(grid, mask, flip, angles)
+
+
+def volume_ordinals(patient_ids: Sequence[str]) -> list[int]:
+    """Per volume (index row order), its number among its patient's volumes (0, 1, ...)."""
+    seen: dict[str, int] = {}
+    out = []
+    for pid in patient_ids:
+        out.append(seen.get(pid, 0))
+        seen[pid] = out[-1] + 1
+    return out
+
+
+def exact_neighbours(
+    query: np.ndarray,
+    vectors: np.ndarray,
+    row_patient_ids: Sequence[str],
+    n_poses: int,
+    ordinals: Sequence[int],
+    k: int,
+    exclude: str | None = None,
+) -> Neighbours:
+    """The top-``k`` patients of one query by exact cosine, with the rows that matched.
+
+    What :meth:`gate.index.TrainingIndex.search_many` answers, computed exactly over all rows
+    (for build-time calibration, where the graph is not built yet).
+
+    Args:
+        query: float32 (D,) unit embedding.
+        vectors: float32 (N, D) index rows, volume-major with ``n_poses`` rows per volume.
+        row_patient_ids: (N,) patient id per row.
+        n_poses: rows per volume.
+        ordinals: per volume, its number among its patient's volumes.
+        k: patients returned.
+        exclude: a patient left out (leave-one-patient-out).
+
+    """
+    sims = vectors @ query
+    best: dict[str, tuple[float, int]] = {}
+    for row in np.argsort(-sims).tolist():
+        pid = row_patient_ids[row]
+        if pid == exclude or pid in best:
+            continue
+        best[pid] = (float(sims[row]), row)
+        if len(best) == k:
+            break
+    ranked = sorted(best.items(), key=lambda kv: kv[1][0], reverse=True)
+    return Neighbours(
+        patient_ids=tuple(pid for pid, _ in ranked),
+        similarities=np.asarray([min(max(s, -1.0), 1.0) for _, (s, _) in ranked], dtype=np.float64),
+        matched=tuple((ordinals[r // n_poses], r % n_poses) for _, (_, r) in ranked),
+    )
+
+
+QUERY_SHIFTS_VOX: tuple[tuple[int, int, int], ...] = tuple(
+    tuple(4 * sign if a == axis else 0 for a in range(3))  # type: ignore[misc]
+    for axis in range(3)
+    for sign in (-1, 1)
+) + tuple((3 * sx, 3 * sy, 3 * sz) for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1))
+"""Extra views of a candidate searched beside the identity (the grid window moved over the
+candidate's own margin of context): 4 voxels along each axis, 3 along each body diagonal.
+With the 8 compact index poses (no shifts), 16 of 522 simulated copies of the shipped index
+(mostly field-of-view shifts of 4-6 voxels) had their source outside the top 5; the 6 axis views
+brought back 3 of them, all 14 brought back 12 (runs/verify, docs/encoder.md). They cost 14
+embeddings and searches per candidate instead of 78 more index rows per training volume."""
+
+Search = Callable[[list[np.ndarray], int], list[Neighbours]]
+"""Embed and search preprocessed grid-sized views (float32, shape ``config.grid``), in order, for
+the given number of patients each."""
+
+
+def query_views(view: View, grid: Sequence[int]) -> list[np.ndarray]:
+    """The candidate's grid windows moved by :data:`QUERY_SHIFTS_VOX` within its view's margin."""
+    margin = [(v - int(g)) // 2 for v, g in zip(view.shape, grid, strict=True)]
+    out = []
+    for shift in QUERY_SHIFTS_VOX:
+        lo = [m + s for m, s in zip(margin, shift, strict=True)]
+        sl = tuple(slice(a, a + int(g)) for a, g in zip(lo, grid, strict=True))
+        out.append(np.ascontiguousarray(np.where(view.mask[sl], view.image[sl], 0.0), dtype=np.float32))
+    return out
+
+
+def retrieve_and_verify(
+    verifier: Verifier | None,
+    neighbours: Sequence[Neighbours],
+    views: Sequence[View],
+    search: Search,
+    k: int,
+) -> list[Neighbours]:
+    """Retrieve each candidate's :data:`VERIFY_K` nearest patients over its views, verify them.
+
+    The candidate's grid (the view's centre) and its shifted views (:data:`QUERY_SHIFTS_VOX`)
+    are searched for :data:`VERIFY_K` patients each and merged (patient-level max) with
+    ``neighbours``; every merged patient is verified.
+
+    Args:
+        verifier: the index's verifier; None returns ``neighbours`` unchanged.
+        neighbours: each candidate's neighbours as searched (their exact-duplicate flag is kept).
+        views: each candidate's view (:meth:`Verifier.view`).
+        search: embeds and searches grids (the index's encoder and search).
+        k: patients reported (a policy's ``k``).
+
+    Returns:
+        Per candidate its ``k`` nearest patients by cosine, plus the patient with the highest
+        verified score when that one is not among them, each with its verified score.
+
+    """
+    if verifier is None:
+        return list(neighbours)
+    if len(neighbours) != len(views):
+        raise IntegrityError(f"{len(neighbours)} search results for {len(views)} verification views")
+    grid = verifier.config.grid
+    depth = max(k, VERIFY_K)
+    n = len(QUERY_SHIFTS_VOX) + 1
+    found: list[Neighbours] = []
+    for start in range(0, len(views), QUERY_BATCH):
+        grids = [
+            g for v in views[start : start + QUERY_BATCH] for g in (centre(v, grid), *query_views(v, grid))
+        ]
+        found.extend(search(grids, depth))
+    out = []
+    for i, (nb, view) in enumerate(zip(neighbours, views, strict=True)):
+        merged = merge_neighbours([nb, *found[i * n : (i + 1) * n]], depth)
+        out.append(reported(verifier.verify(merged, view), k))
+    return out
+
+
+def centre(view: View, grid: Sequence[int]) -> np.ndarray:
+    """The view without its margin: the candidate's grid."""
+    margin = [(v - int(g)) // 2 for v, g in zip(view.shape, grid, strict=True)]
+    sl = tuple(slice(m, m + int(g)) for m, g in zip(margin, grid, strict=True))
+    return np.ascontiguousarray(np.where(view.mask[sl], view.image[sl], 0.0), dtype=np.float32)
+
+
+def reported(nb: Neighbours, k: int) -> Neighbours:
+    """The ``k`` nearest by cosine, and the best verified patient after them if it is not one."""
+    keep = list(range(min(k, len(nb.patient_ids))))
+    if nb.verified is not None:
+        best = int(np.argmax(nb.verified))
+        if best not in keep:
+            keep.append(best)
+    return Neighbours(
+        patient_ids=tuple(nb.patient_ids[i] for i in keep),
+        similarities=nb.similarities[keep],
+        exact_duplicate=nb.exact_duplicate,
+        matched=tuple(nb.matched[i] for i in keep) if nb.matched else (),
+        verified=None if nb.verified is None else nb.verified[keep],
+    )
+
+
+QUERY_BATCH = 16
+"""Candidates whose shifted views are embedded together (16 x 14 x 32x48x32 float32 = 44 MB)."""
+
+
+def verify_all(
+    verifier: Verifier | None,
+    neighbours: Sequence[Neighbours],
+    volumes: Sequence[Volume],
+    search: Search,
+    k: int,
+) -> list[Neighbours]:
+    """:func:`retrieve_and_verify` for candidates as read (their views made here)."""
+    if verifier is None:
+        return list(neighbours)
+    return retrieve_and_verify(verifier, neighbours, [verifier.view(v) for v in volumes], search, k)
+
+
+def grid_search(encoder: EmbeddingModel, searcher: Any) -> Search:
+    """A :data:`Search` over ``searcher.search_many`` with ``encoder``'s embeddings."""
+    from gate.index import embed_grids
+
+    def run(grids: list[np.ndarray], k: int) -> list[Neighbours]:
+        if not grids:
+            return []
+        probes = embed_grids(grids, encoder, ["view"] * len(grids))
+        return searcher.search_many([p.embedding for p in probes], [None] * len(probes), k)
+
+    return run
+
+
+def exact_grid_search(
+    embed: Callable[[np.ndarray], np.ndarray],
+    vectors: np.ndarray,
+    row_patient_ids: Sequence[str],
+    n_poses: int,
+    ordinals: Sequence[int],
+    exclude: str | None = None,
+) -> Search:
+    """A :data:`Search` by exact cosine over index rows (:func:`exact_neighbours`), for build time."""
+
+    def run(grids: list[np.ndarray], k: int) -> list[Neighbours]:
+        if not grids:
+            return []
+        emb = embed(np.stack(grids)[:, None].astype(np.float32))
+        return [exact_neighbours(e, vectors, row_patient_ids, n_poses, ordinals, k, exclude) for e in emb]
+
+    return run
+
+
+CALIBRATION_MAX_QUERIES = 2000
+"""Reference volumes verified at build time at most (seeded sample beyond): each costs ~60 ms,
+so the verified calibration of a 100k-patient index stays near two minutes."""
+
+
+@dataclass(frozen=True)
+class VerifySetup:
+    """What :func:`gate.index.build_index` writes for a verifying index.
+
+    Attributes:
+        grids: float16 (volumes, X, Y, Z), NaN = padding (:func:`stored_grid`).
+        max_shift: shifts searched per axis, voxels.
+        calibration: reference patients' verified scores.
+        cosine_calibration: the same patients' nearest cosine as a verifying index answers it
+            (the patient-level maximum over the identity and the shifted query views,
+            :data:`QUERY_SHIFTS_VOX`): the index's cosine calibration, so that percentile
+            thresholds see the scores `gate check` will compute.
+        copies: simulated copies' verified scores.
+        copies_cosine: simulated copies' nearest cosine similarities.
+        novel_pairs: float64 (n, 2) per reference query, (nearest cosine, verified score): what
+            ``gate index build`` reports each policy's pass rate on (not stored).
+        copy_pairs: float64 (m, 2) the same per simulated copy (not stored).
+
+    """
+
+    grids: np.ndarray
+    max_shift: int
+    calibration: Calibration
+    cosine_calibration: Calibration
+    copies: Calibration
+    copies_cosine: Calibration
+    novel_pairs: np.ndarray
+    copy_pairs: np.ndarray
+
+
+def _calibration(method: CalibrationMethod, values: Sequence[float]) -> Calibration:
+    arr = np.sort(np.clip(np.asarray(values, dtype=np.float64), -1.0, 1.0))
+    return Calibration(method=method, n_patients=len(arr), similarities=tuple(float(v) for v in arr))
+
+
+def prepare_verification(
+    volumes: Sequence[Volume],
+    vectors: np.ndarray,
+    poses: PoseSet,
+    config: PreprocessConfig,
+    embed: Callable[[np.ndarray], np.ndarray],
+    seed: int,
+    held: Sequence[Volume] = (),
+    held_vectors: np.ndarray | None = None,
+    max_shift: int = MAX_SHIFT_VOX,
+    k: int = VERIFY_K,
+) -> VerifySetup:
+    """Store the training grids and calibrate the verified score, on real and on simulated copies.
+
+    Args:
+        volumes: the training volumes, index row order.
+        vectors: float32 (volumes x poses, D) their index rows, volume-major.
+        poses: the index's poses.
+        config: the index's preprocessing.
+        embed: the encoder: (N, 1, X, Y, Z) float32 -> (N, D) unit rows.
+        seed: the build seed (samples and simulated copies).
+        held: holdout volumes (calibrate on them), or none (leave one patient out).
+        held_vectors: float32 (len(held), D) their identity-pose embeddings.
+        max_shift: shifts searched per axis, voxels.
+        k: patients verified per query.
+
+    Returns:
+        The grids to store and the three distributions.
+
+    """
+    from gate.copies import simulated_copies
+
+    n_poses = len(poses)
+    pids = [v.patient_id for v in volumes]
+    row_pids = [p for p in pids for _ in range(n_poses)]
+    ordinals = volume_ordinals(pids)
+    views = [grid_with_mask(v, config, max_shift) for v in volumes]
+    inner = (slice(max_shift, -max_shift),) * 3 if max_shift else (slice(None),) * 3
+    grids = np.stack([stored_grid(img[inner], mask[inner]) for img, mask in views])
+    verifier = Verifier(list(grids), pids, poses, config, max_shift)
+    rng = np.random.default_rng(seed)
+
+    def best(query: np.ndarray, view: View, exclude: str | None) -> tuple[float, float]:
+        """What `gate check` would answer: identity and shifted views searched, then verified."""
+        nb = exact_neighbours(query, vectors, row_pids, n_poses, ordinals, k, exclude)
+        search = exact_grid_search(embed, vectors, row_pids, n_poses, ordinals, exclude)
+        (out,) = retrieve_and_verify(verifier, [nb], [view], search, k)
+        v = out.verified
+        return float(v.max()) if v is not None else -1.0, out.nearest_similarity
+
+    per_patient: dict[str, float] = {}
+    per_patient_cos: dict[str, float] = {}
+    novel_pairs: list[tuple[float, float]] = []
+    if held:
+        if held_vectors is None or len(held_vectors) != len(held):
+            raise ValueError("holdout calibration needs one embedding per holdout volume")
+        order = np.arange(len(held))
+        if len(order) > CALIBRATION_MAX_QUERIES:
+            order = np.sort(rng.choice(len(order), CALIBRATION_MAX_QUERIES, replace=False))
+        for i in order.tolist():
+            score, cos = best(held_vectors[i], verifier.view(held[i]), None)
+            novel_pairs.append((cos, score))
+            pid = held[i].patient_id
+            per_patient[pid] = max(per_patient.get(pid, -1.0), score)
+            per_patient_cos[pid] = max(per_patient_cos.get(pid, -1.0), cos)
+        method = CalibrationMethod.HOLDOUT
+    else:
+        order = np.arange(len(volumes))
+        if len(order) > CALIBRATION_MAX_QUERIES:
+            order = np.sort(rng.choice(len(order), CALIBRATION_MAX_QUERIES, replace=False))
+        for i in order.tolist():
+            score, cos = best(vectors[i * n_poses], View(*views[i]), pids[i])
+            novel_pairs.append((cos, score))
+            per_patient[pids[i]] = max(per_patient.get(pids[i], -1.0), score)
+            per_patient_cos[pids[i]] = max(per_patient_cos.get(pids[i], -1.0), cos)
+        method = CalibrationMethod.LEAVE_ONE_PATIENT_OUT
+    sample = np.arange(len(volumes))
+    if len(sample) > CALIBRATION_MAX_QUERIES:
+        sample = np.sort(rng.choice(len(sample), CALIBRATION_MAX_QUERIES, replace=False))
+    copies = simulated_copies([views[i] for i in sample.tolist()], seed)
+    centres = np.stack([c.centre(max_shift) for c in copies])[:, None]
+    copy_vectors = np.concatenate(
+        [embed(np.ascontiguousarray(centres[i : i + 64])) for i in range(0, len(centres), 64)]
+    )
+    copy_verified, copy_cosine = [], []
+    for c, q in zip(copies, copy_vectors, strict=True):
+        score, cos = best(q.astype(np.float32), View(c.image, c.mask), None)
+        copy_verified.append(score)
+        copy_cosine.append(cos)
+    return VerifySetup(
+        grids=grids,
+        max_shift=max_shift,
+        calibration=_calibration(method, list(per_patient.values())),
+        cosine_calibration=_calibration(method, list(per_patient_cos.values())),
+        copies=_calibration(CalibrationMethod.SIMULATED_COPIES, copy_verified),
+        copies_cosine=_calibration(CalibrationMethod.SIMULATED_COPIES, copy_cosine),
+        novel_pairs=np.asarray(novel_pairs, dtype=np.float64).reshape(-1, 2),
+        copy_pairs=np.stack([copy_cosine, copy_verified], axis=1).astype(np.float64),
+    )

@@ -1,0 +1,195 @@
+"""Retrieve, then verify (gate.verify) and simulated copies (gate.copies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from gate import copies as cp
+from gate import verify
+from gate.calibration import Calibration, CalibrationMethod
+from gate.decide import decide, pass_rate
+from gate.errors import IntegrityError
+from gate.index_manifest import Verification
+from gate.policy import LoadedPolicy, load_policy
+from gate.poses import COMPACT_POSES, IDENTITY_ONLY, Pose, apply_pose
+from gate.preprocess import PreprocessConfig
+from gate.values import Grade, Neighbours, Verdict, Volume, merge_neighbours
+from gate.volume import ReadOptions, discover, read_volumes
+
+CFG = PreprocessConfig()
+S = verify.MAX_SHIFT_VOX
+
+
+def _smooth(seed: int, shape: tuple[int, int, int] = (32, 48, 32)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = ndimage.gaussian_filter(rng.random(shape), 2.0)
+    x = (x - x.min()) / (x.max() - x.min())
+    return x.astype(np.float32)
+
+
+def _vol(data: np.ndarray, pid: str = "p-0000000000000001") -> Volume:
+    return Volume(data, np.eye(4), (1.0, 1.0, 1.0), "mem", pid)
+
+
+@pytest.fixture
+def hippo(hippocampus_dir: Path, read_opts: ReadOptions) -> list[Volume]:
+    return [read_volumes(p, read_opts)[0] for p in discover([hippocampus_dir])[:6]]
+
+
+def test_align_finds_the_shift_of_a_copy_cut_short() -> None:
+    data = _smooth(0, (36, 52, 36))
+    grid, mask = verify.grid_with_mask(_vol(data), CFG, 0)
+    cut = _vol(np.ascontiguousarray(data[5:]))
+    view = verify.View(*verify.grid_with_mask(cut, CFG, S))
+    a = view.align(grid, mask)
+    assert a.ncc > 0.999
+    assert a.shift[1:] == (0, 0) and a.shift[0] != 0
+    other = verify.grid_with_mask(_vol(_smooth(1, (36, 52, 36))), CFG, 0)
+    assert view.align(*other).ncc < 0.5
+
+
+def test_align_ignores_padding_on_both_sides() -> None:
+    """A copy smaller than the grid (zero-padded) matches its source exactly, not by its padding."""
+    small = _smooth(2, (26, 40, 30))
+    grid, mask = verify.grid_with_mask(_vol(small), CFG, 0)
+    assert not mask.all()
+    view = verify.View(*verify.grid_with_mask(_vol(small), CFG, S))
+    assert view.align(grid, mask).ncc > 0.999
+
+
+def test_trim_empty_planes_drops_zero_slabs_only() -> None:
+    x = _smooth(3)
+    x[:4] = 0.0
+    x[:, -3:] = 0.0
+    x[10, 10, 10] = 0.0  # an interior zero is anatomy (or background), not padding
+    keep = verify.trim_empty_planes(x, np.ones(x.shape, bool))
+    assert not keep[:4].any() and not keep[:, -3:].any()
+    assert keep[4:, :-3].all()
+
+
+def test_verify_scores_a_turned_blurred_copy_above_other_patients(hippo: list[Volume]) -> None:
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    img, mask = verify.grid_with_mask(hippo[0], CFG, S)
+    turned = apply_pose(img, Pose(rotate_deg=(6.0, -5.0, 4.0), translate_vox=(2.0, -3.0, 1.0)))
+    copy = ndimage.gaussian_filter(turned, 1.0)
+    nb = Neighbours(
+        patient_ids=tuple(pids[:5]),
+        similarities=np.linspace(0.9, 0.8, 5),
+        matched=tuple((0, 0) for _ in range(5)),
+    )
+    out = verifier.verify(nb, verify.View(copy, mask))
+    assert out.verified is not None
+    assert out.verified[0] > 0.9
+    assert out.verified[0] > out.verified[1:].max() + 0.1
+    assert out.nearest_verified == out.verified[0] and out.verified_patient_id == pids[0]
+
+
+def test_verify_refuses_neighbours_without_matched_rows() -> None:
+    verifier = verify.Verifier([], [], IDENTITY_ONLY, CFG, S)
+    nb = Neighbours(patient_ids=("p-0000000000000001",), similarities=np.asarray([0.9]))
+    view = verify.View(np.zeros((48, 64, 48), np.float32), np.ones((48, 64, 48), bool))
+    with pytest.raises(IntegrityError, match="matched index rows"):
+        verifier.verify(nb, view)
+
+
+def test_verify_refuses_a_patient_the_index_does_not_hold() -> None:
+    grids = [verify.stored_grid(_smooth(0), np.ones((32, 48, 32), bool))]
+    verifier = verify.Verifier(grids, ["p-0000000000000001"], IDENTITY_ONLY, CFG, S)
+    nb = Neighbours(patient_ids=("p-00000000000000ff",), similarities=np.asarray([0.9]), matched=((0, 0),))
+    with pytest.raises(IntegrityError, match="is not in the index"):
+        verifier.verify(nb, verifier.view(_vol(_smooth(0))))
+
+
+def test_turned_matches_apply_pose_inside_the_grid() -> None:
+    g = _smooth(4, (16, 24, 16))
+    m = np.ones(g.shape, bool)
+    for flip, angles in ((False, (5.0, 0.0, 0.0)), (True, (3.0, -7.0, 4.0))):
+        a, _ = verify._turned(g, m, flip, angles)
+        b = apply_pose(g, Pose(flip=flip, rotate_deg=angles))
+        assert np.abs(a - b)[3:-3, 3:-3, 3:-3].max() < 1e-5
+
+
+def test_merge_keeps_the_best_verified_score_per_patient() -> None:
+    a = Neighbours(("p-0000000000000001",), np.asarray([0.9]), matched=((0, 1),), verified=np.asarray([0.5]))
+    b = Neighbours(("p-0000000000000001",), np.asarray([0.8]), matched=((0, 2),), verified=np.asarray([0.7]))
+    m = merge_neighbours([a, b], 5)
+    assert m.matched == ((0, 1),)
+    assert m.verified is not None and m.verified[0] == 0.7
+    c = Neighbours(("p-0000000000000001",), np.asarray([0.8]))
+    assert merge_neighbours([a, c], 5).verified is None
+
+
+def _record(novel: list[float], copies: list[float]) -> Verification:
+    def cal(values: list[float], method: CalibrationMethod) -> Calibration:
+        return Calibration(method=method, n_patients=len(values), similarities=tuple(sorted(values)))
+
+    return Verification(
+        max_shift_vox=S,
+        grids_sha256="0" * 64,
+        calibration=cal(novel, CalibrationMethod.LEAVE_ONE_PATIENT_OUT),
+        copies=cal(copies, CalibrationMethod.SIMULATED_COPIES),
+        copies_cosine=cal([0.9] * len(copies), CalibrationMethod.SIMULATED_COPIES),
+    )
+
+
+def _standard() -> tuple[LoadedPolicy, Calibration, Verification]:
+    calibration = Calibration(
+        method=CalibrationMethod.LEAVE_ONE_PATIENT_OUT,
+        n_patients=100,
+        similarities=tuple(np.linspace(0.5, 0.9, 100)),
+    )
+    record = _record(list(np.linspace(0.4, 0.8, 100)), list(np.linspace(0.9, 1.0, 100)))
+    return load_policy("standard"), calibration, record
+
+
+def test_decision_takes_the_higher_grade_of_the_two_scores() -> None:
+    policy, calibration, record = _standard()
+    low_cos = Neighbours(("p-0000000000000001",), np.asarray([0.6]), verified=np.asarray([0.95]))
+    d = decide(low_cos, policy, calibration, record)
+    assert d.grade is Grade.DUPLICATE and d.verdict is Verdict.REJECT
+    assert d.details["verified"] == pytest.approx(0.95)
+    low_both = Neighbours(("p-0000000000000001",), np.asarray([0.6]), verified=np.asarray([0.5]))
+    assert decide(low_both, policy, calibration, record).verdict is Verdict.PASS
+    with pytest.raises(IntegrityError, match="the index verifies but the candidate was not verified"):
+        decide(Neighbours(("p-0000000000000001",), np.asarray([0.6])), policy, calibration, record)
+    with pytest.raises(IntegrityError, match="records no verification"):
+        decide(low_both, policy, calibration, None)
+
+
+def test_pass_rate_runs_the_decision() -> None:
+    policy, calibration, record = _standard()
+    pairs = np.asarray([[0.6, 0.5], [0.6, 0.95], [0.95, 0.5]])
+    assert pass_rate(pairs, policy, calibration, record) == pytest.approx(1 / 3)
+
+
+def test_simulated_copies_are_seeded_and_disjoint_from_the_benchmark_seeds() -> None:
+    img, mask = verify.grid_with_mask(_vol(_smooth(5, (36, 52, 36))), CFG, S)
+    a = cp.simulated_copies([(img, mask)], seed=0, per_volume=3)
+    b = cp.simulated_copies([(img, mask)], seed=0, per_volume=3)
+    assert len(a) == 3
+    assert all(np.array_equal(x.image, y.image) and x.changes == y.changes for x, y in zip(a, b, strict=True))
+    assert all(
+        cp.FAMILIES_PER_COPY[0] <= len(set(c.changes) - {"flip"}) <= cp.FAMILIES_PER_COPY[1] for c in a
+    )
+    assert all(c.image.shape == img.shape and 0.0 <= c.image.min() and c.image.max() <= 1.0 for c in a)
+    assert cp.COPY_SEED_OFFSET > 2**32  # above every single-family benchmark seed
+    assert cp.COPY_SEED_OFFSET + 10**6 < 2**62
+
+
+def test_simulated_copies_verify_as_copies(hippo: list[Volume]) -> None:
+    """Every simulated copy of a real volume verifies closer to its source than to any other patient."""
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    copies = cp.simulated_copies([verify.grid_with_mask(hippo[0], CFG, S)], seed=1, per_volume=4)
+    for c in copies:
+        nb = Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=tuple((0, 0) for _ in pids))
+        out = verifier.verify(nb, verify.View(c.image, c.mask))
+        assert out.verified is not None
+        assert out.verified_patient_id == pids[0], c.changes
