@@ -45,6 +45,7 @@ from gate.domain import Domain
 from gate.errors import IntegrityError, UsageError
 from gate.index_manifest import (
     FORMAT_VERSION,
+    GRIDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
     PSEUDONYM_PATTERN,
@@ -54,12 +55,15 @@ from gate.index_manifest import (
     IndexManifest,
     IndexRow,
     SelfTest,
+    Verification,
     check_compatible,
+    read_grids,
     read_manifest,
     read_vectors,
 )
 from gate.poses import IDENTITY_ONLY, PoseSet, posed_grids
 from gate.values import Embedding, Neighbours, Volume
+from gate.verify import Verifier, VerifySetup, volume_ordinals
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +299,7 @@ def build_index(
     seed: int = DEFAULT_SEED,
     poses: PoseSet = IDENTITY_ONLY,
     domain: Domain | None = None,
+    verification: VerifySetup | None = None,
 ) -> IndexManifest:
     """Build the graph, self-test it, and write the index directory atomically.
 
@@ -310,6 +315,9 @@ def build_index(
         poses: the poses the probes were embedded under (recorded in the manifest).
         domain: what the index can judge (:func:`gate.domain.measure_domain` of the training
             volumes); None records none, and every check against the index is then refused.
+        verification: the training grids and verified calibration
+            (:func:`gate.verify.prepare_verification`, same volume order); None: the index
+            does not verify.
 
     Returns:
         The written manifest.
@@ -362,6 +370,21 @@ def build_index(
     try:
         graph.save_index(str(tmp / INDEX_FILE))
         np.save(tmp / VECTORS_FILE, vectors, allow_pickle=False)
+        verification_record = None
+        if verification is not None:
+            if verification.grids.shape != (len(rows), *encoder.preprocess.grid):
+                raise UsageError(
+                    f"verification grids {verification.grids.shape} do not match {len(rows)} volumes of "
+                    f"{encoder.preprocess.grid}"
+                )
+            np.save(tmp / GRIDS_FILE, verification.grids.astype(np.float16), allow_pickle=False)
+            verification_record = Verification(
+                max_shift_vox=verification.max_shift,
+                grids_sha256=sha256_file(tmp / GRIDS_FILE),
+                calibration=verification.calibration,
+                copies=verification.copies,
+                copies_cosine=verification.copies_cosine,
+            )
         manifest = IndexManifest(
             format_version=FORMAT_VERSION,
             space=SPACE,
@@ -384,6 +407,7 @@ def build_index(
             calibration=calibration,
             self_test=self_test,
             domain=domain,
+            verification=verification_record,
             gate_version=__version__,
             hnswlib_version=_hnswlib_version(),
         )
@@ -393,6 +417,34 @@ def build_index(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def load_grids(index_dir: Path, manifest: IndexManifest) -> np.ndarray | None:
+    """The training grids of a verifying index, digest-checked (None for an index that does not verify).
+
+    Raises:
+        IntegrityError: ``grids.npy`` missing, edited or malformed; or present in an index whose
+            manifest records no verification (an unaccounted file).
+
+    """
+    path = index_dir / GRIDS_FILE
+    if manifest.verification is None:
+        if path.exists():
+            raise IntegrityError(
+                f"{path}: present, but the manifest records no verification; the folder was edited; "
+                "rebuild it"
+            )
+        return None
+    if not path.is_file():
+        raise IntegrityError(f"{path}: missing; the index verifies and needs it; rebuild the index")
+    found = sha256_file(path)
+    if found != manifest.verification.grids_sha256:
+        raise IntegrityError(
+            f"{path}: sha256 {found[:12]}… does not match the manifest's "
+            f"{manifest.verification.grids_sha256[:12]}…; the file was modified or replaced; "
+            "rebuild the index"
+        )
+    return read_grids(path, manifest)
 
 
 def _hnswlib_version() -> str:
@@ -412,13 +464,23 @@ class TrainingIndex:
 
     """
 
-    def __init__(self, manifest: IndexManifest, graph: hnswlib.Index, vectors: np.ndarray) -> None:
+    def __init__(
+        self,
+        manifest: IndexManifest,
+        graph: hnswlib.Index,
+        vectors: np.ndarray,
+        grids: np.ndarray | None = None,
+    ) -> None:
         self.manifest = manifest
         self.sha256 = manifest.index_sha256
         self.vectors = vectors
+        self.grids = grids
+        self._verifier: Verifier | None = None
         self._graph = graph
         n_poses = len(manifest.poses)
         self._patient_ids = [manifest.rows[i // n_poses].patient_id for i in range(manifest.count)]
+        self._n_poses = n_poses
+        self._ordinals = volume_ordinals([r.patient_id for r in manifest.rows])
         self._voxel_hashes = frozenset(r.voxel_sha256 for r in manifest.rows)
 
     @property
@@ -430,6 +492,27 @@ class TrainingIndex:
     def domain(self) -> Domain | None:
         """The domain recorded at build time (None: none recorded; checks are refused)."""
         return self.manifest.domain
+
+    @property
+    def verification(self) -> Verification | None:
+        """The verification record (None: the index does not verify)."""
+        return self.manifest.verification
+
+    @property
+    def verifier(self) -> Verifier | None:
+        """The verification stage of a verifying index (None: the index does not verify)."""
+        v = self.manifest.verification
+        if v is None or self.grids is None:
+            return None
+        if self._verifier is None:
+            self._verifier = Verifier(
+                list(self.grids),
+                [r.patient_id for r in self.manifest.rows],
+                self.manifest.poses,
+                self.manifest.preprocess,
+                v.max_shift_vox,
+            )
+        return self._verifier
 
     @classmethod
     def load(cls, index_dir: Path, encoder: EmbeddingModel) -> TrainingIndex:
@@ -457,6 +540,7 @@ class TrainingIndex:
                     "the file was modified or replaced; rebuild the index"
                 )
         vectors = read_vectors(index_dir / VECTORS_FILE, manifest)
+        grids = load_grids(index_dir, manifest)
         graph = hnswlib.Index(space=SPACE, dim=manifest.dim)
         try:
             graph.load_index(str(index_dir / INDEX_FILE), max_elements=manifest.count)
@@ -480,7 +564,7 @@ class TrainingIndex:
                 f"{index_dir}: self-test after load failed "
                 f"(recall@1 {check.recall_at_1:.4f} < 1.0); rebuild it"
             )
-        return cls(manifest, graph, vectors)
+        return cls(manifest, graph, vectors, grids)
 
     def search_many(
         self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K
@@ -503,15 +587,20 @@ class TrainingIndex:
         out = []
         for row_labels, row_sims, voxel in zip(labels, sims, voxel_sha256s, strict=True):
             best: dict[str, float] = {}
+            match: dict[str, tuple[int, int]] = {}
             for label, sim in zip(row_labels.tolist(), row_sims.tolist(), strict=True):
                 pid = self._patient_ids[label]
-                best[pid] = max(best.get(pid, -1.0), sim)  # patient-level aggregation: max
+                if sim > best.get(pid, -2.0):  # patient-level aggregation: max
+                    best[pid] = sim
+                    volume, pose = divmod(label, self._n_poses)
+                    match[pid] = (self._ordinals[volume], pose)
             ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:k]
             out.append(
                 Neighbours(
                     patient_ids=tuple(pid for pid, _ in ranked),
                     similarities=np.asarray([s for _, s in ranked], dtype=np.float64),
                     exact_duplicate=voxel is not None and voxel in self._voxel_hashes,
+                    matched=tuple(match[pid] for pid, _ in ranked),
                 )
             )
         return out

@@ -23,9 +23,13 @@ from gate.preprocess import PreprocessConfig
 INDEX_FILE = "index.bin"
 VECTORS_FILE = "vectors.npy"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 4
+GRIDS_FILE = "grids.npy"
+"""Verifying indexes only: float16 (volumes, X, Y, Z) preprocessed training grids in row order,
+NaN where the grid holds no voxel of the scan (padding). Read by :func:`read_grids` only."""
+FORMAT_VERSION = 5
 """Manifest format this code writes and reads (3: poses may cut the field of view, `window_cut_vox`;
-4: the domain the index can judge, :class:`gate.domain.Domain`)."""
+4: the domain the index can judge, :class:`gate.domain.Domain`; 5: verification,
+:class:`Verification` and ``grids.npy``)."""
 
 SPACE = "cosine"
 """hnswlib space; its distance is ``1 - cos``, converted to cosine similarity in :meth:`search`."""
@@ -81,6 +85,30 @@ class SelfTest(BaseModel):
     passed: bool
 
 
+class Verification(BaseModel):
+    """What a verifying index needs to re-score its retrieved patients (:mod:`gate.verify`).
+
+    Attributes:
+        max_shift_vox: integer shifts searched per axis (+-), voxels.
+        grids_sha256: sha256 of ``grids.npy``.
+        calibration: each reference patient's verified score (best masked NCC to its
+            retrieved training patients), the same patients and method as the manifest's
+            cosine calibration; ascending in [-1, 1].
+        copies: simulated copies' verified scores (:func:`gate.verify.simulated_copies`),
+            ascending; what a copy-aware policy threshold is read from.
+        copies_cosine: the same copies' nearest cosine similarities, ascending.
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_shift_vox: int = Field(ge=0, le=32)
+    grids_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    calibration: Calibration
+    copies: Calibration | None = None
+    copies_cosine: Calibration | None = None
+
+
 class IndexManifest(BaseModel):
     """Everything that identifies an index and is checked at load. No names, no paths.
 
@@ -111,6 +139,7 @@ class IndexManifest(BaseModel):
     calibration: Calibration
     self_test: SelfTest
     domain: Domain | None
+    verification: Verification | None = None
     gate_version: str
     hnswlib_version: str
 
@@ -209,3 +238,28 @@ def read_vectors(path: Path, manifest: IndexManifest) -> np.ndarray:
     if not np.all(np.isfinite(vectors)) or np.max(np.abs(norms - 1.0)) > 1e-3:
         raise IntegrityError(f"{path}: rows must be finite unit vectors; rebuild the index")
     return vectors
+
+
+def read_grids(path: Path, manifest: IndexManifest) -> np.ndarray:
+    """Load ``grids.npy`` (no pickle) of a verifying index: float16 (volumes, X, Y, Z).
+
+    The caller checks the file's sha256 against ``manifest.verification.grids_sha256`` first.
+
+    Raises:
+        IntegrityError: unreadable, wrong shape or dtype, values outside [0, 1] (NaN marks
+            padding), or a grid without a single voxel.
+
+    """
+    try:
+        grids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise IntegrityError(f"{path}: unreadable ({err}); rebuild the index") from err
+    shape = (len(manifest.rows), *manifest.preprocess.grid)
+    if grids.shape != shape or grids.dtype != np.float16:
+        raise IntegrityError(f"{path}: {grids.dtype} {grids.shape}; expected float16 {shape}")
+    finite = np.isfinite(grids)
+    if np.any(np.isinf(grids)) or np.any((grids[finite] < 0) | (grids[finite] > 1)):
+        raise IntegrityError(f"{path}: grid values must lie in [0, 1] (NaN for padding); rebuild the index")
+    if not np.all(finite.reshape(len(grids), -1).any(axis=1)):
+        raise IntegrityError(f"{path}: a training grid holds no voxel; rebuild the index")
+    return grids

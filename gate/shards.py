@@ -22,6 +22,7 @@ unlisted, swapped (digests bound by position) or edited; no patient in two shard
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -46,10 +47,12 @@ from gate.index_manifest import (
     VECTORS_FILE,
     EmbeddingModel,
     IndexManifest,
+    Verification,
     read_manifest,
 )
 from gate.poses import IDENTITY_ONLY, PoseSet
 from gate.values import Embedding, Neighbours, merge_neighbours
+from gate.verify import Verifier, VerifySetup
 
 SHARDS_FILE = "shards.json"
 SHARD_FORMAT_VERSION = 1
@@ -177,8 +180,11 @@ def _build_one(
     seed: int,
     poses: PoseSet,
     domain: Domain | None,
+    verification: VerifySetup | None = None,
 ) -> IndexManifest:
-    return build_index(probes, patient_ids, file_sha256s, encoder, out_dir, calibration, seed, poses, domain)
+    return build_index(
+        probes, patient_ids, file_sha256s, encoder, out_dir, calibration, seed, poses, domain, verification
+    )
 
 
 def build_sharded(
@@ -193,6 +199,7 @@ def build_sharded(
     poses: PoseSet = IDENTITY_ONLY,
     mapper: Mapper = process_map,
     domain: Domain | None = None,
+    verification: VerifySetup | None = None,
 ) -> ShardSetManifest:
     """Split by patient, build every shard with :func:`gate.index.build_index` (in parallel), bind them.
 
@@ -209,6 +216,8 @@ def build_sharded(
         mapper: runs the shard builds (:func:`process_map` locally; the Ray engine passes tasks).
         domain: what the index can judge, measured over every training volume (recorded in the
             set and in every shard).
+        verification: every volume's grid and the verified calibration over every volume; each
+            shard stores its own volumes' grids and the same calibration.
 
     Returns:
         The written set manifest.
@@ -247,6 +256,9 @@ def build_sharded(
                     seed,
                     poses,
                     domain,
+                    None
+                    if verification is None
+                    else dataclasses.replace(verification, grids=verification.grids[vols]),
                 )
             )
         manifests: list[IndexManifest] = mapper(_build_one, jobs)
@@ -358,6 +370,17 @@ def check_set(index_dir: Path, manifest: ShardSetManifest, shards: Sequence[Inde
                 f"{index_dir / entry.name}: does not belong to this shard set (count, encoder, poses, "
                 f"seed or calibration differ from {SHARDS_FILE}); rebuild the index"
             )
+        first = shards[0].verification
+        if (m.verification is None) != (first is None) or (
+            m.verification is not None
+            and first is not None
+            and m.verification.model_dump(exclude={"grids_sha256"})
+            != first.model_dump(exclude={"grids_sha256"})
+        ):
+            raise IntegrityError(
+                f"{index_dir / entry.name}: its verification differs from the other shards'; "
+                "rebuild the index"
+            )
         ids = {r.patient_id for r in m.rows}
         if ids & seen:
             raise IntegrityError(f"{index_dir}: a patient appears in two shards; rebuild the index")
@@ -380,6 +403,7 @@ class ShardedIndex:
         self.set_manifest = set_manifest
         self.sha256 = sha256
         self.shards = shards
+        self._verifier: Verifier | None = None
 
     @property
     def calibration(self) -> Calibration:
@@ -417,6 +441,20 @@ class ShardedIndex:
         check_set(index_dir, manifest, [s.manifest for s in shards])
         return cls(manifest, sha256_file(index_dir / SHARDS_FILE), shards)
 
+    @property
+    def verification(self) -> Verification | None:
+        """The verification record every shard shares (None: the set does not verify)."""
+        return self.shards[0].manifest.verification
+
+    @property
+    def verifier(self) -> Verifier | None:
+        """One verifier over every shard's training grids (None: the set does not verify)."""
+        if self._verifier is None:
+            self._verifier = combined_verifier(
+                self.shards[0].manifest, [(s.manifest, s.grids) for s in self.shards]
+            )
+        return self._verifier
+
     def search_many(
         self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K
     ) -> list[Neighbours]:
@@ -440,9 +478,31 @@ class Searcher(Protocol):
     @property
     def domain(self) -> Domain | None: ...  # noqa: D102
 
+    @property
+    def verification(self) -> Verification | None: ...  # noqa: D102
+
+    @property
+    def verifier(self) -> Verifier | None: ...  # noqa: D102
+
     def search_many(  # noqa: D102
         self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K
     ) -> list[Neighbours]: ...
+
+
+def combined_verifier(
+    first: IndexManifest, parts: Sequence[tuple[IndexManifest, np.ndarray | None]]
+) -> Verifier | None:
+    """A :class:`~gate.verify.Verifier` over the grids of several shards (None if they do not verify)."""
+    if first.verification is None:
+        return None
+    grids: list[np.ndarray] = []
+    pids: list[str] = []
+    for m, g in parts:
+        if g is None:
+            raise IntegrityError("a shard of a verifying set holds no training grids; rebuild the index")
+        grids.extend(g)
+        pids.extend(r.patient_id for r in m.rows)
+    return Verifier(grids, pids, first.poses, first.preprocess, first.verification.max_shift_vox)
 
 
 def is_sharded(index_dir: Path) -> bool:

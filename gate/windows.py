@@ -23,14 +23,16 @@ so the local engine, the Python API and the benchmark run the same function.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from gate.errors import DomainError
+from gate.errors import DomainError, IntegrityError
 from gate.preprocess import PreprocessConfig, normalize_for, resample, shifted, to_canonical
 from gate.values import Neighbours, Volume, merge_neighbours
+from gate.verify import Verifier, View
 
 STRIDE_FRACTION = 0.25
 """Lattice stride as a fraction of the grid per axis (8x12x8 voxels for 32x48x32): a copy is at
@@ -163,7 +165,59 @@ Judge = Callable[[list[np.ndarray]], list[Neighbours]]
 """Embed and search preprocessed grid-sized windows (float32, shape ``config.grid``), in order."""
 
 
-def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int) -> WindowResult:
+def margin_view(base: Volume, start: Sequence[int], config: PreprocessConfig, margin: int) -> View:
+    """The window at ``start`` with ``margin`` voxels of the candidate around it, for verification.
+
+    Normalised on its own as a window is; where the margin leaves the candidate, the view's
+    mask is False.
+    """
+    grid = [int(g) for g in config.grid]
+    wide = tuple(g + 2 * margin for g in grid)
+    lo = [int(s) - margin for s in start]
+    data = np.zeros(wide, dtype=np.float32)
+    mask = np.zeros(wide, dtype=bool)
+    src, dst = [], []
+    for a in range(3):
+        a0, a1 = max(0, lo[a]), min(base.data.shape[a], lo[a] + wide[a])
+        src.append(slice(a0, a1))
+        dst.append(slice(a0 - lo[a], a1 - lo[a]))
+    data[tuple(dst)] = base.data[tuple(src)]
+    mask[tuple(dst)] = True
+    normed = normalize_for(Volume(data, base.affine, base.spacing, base.source, base.patient_id), config).data
+    return View(np.where(mask, normed, 0.0).astype(np.float32), mask)
+
+
+def verify_windows(
+    base: Volume,
+    found: dict[tuple[int, int, int], Neighbours],
+    merged: Neighbours,
+    config: PreprocessConfig,
+    verifier: Verifier,
+) -> Neighbours:
+    """``merged`` with each patient verified on the window where that patient scored highest."""
+    views: dict[tuple[int, int, int], View] = {}
+    scores = []
+    for pid in merged.patient_ids:
+        best_s, best_i, best_sim = None, 0, -2.0
+        for s, nb in found.items():
+            if pid in nb.patient_ids:
+                i = nb.patient_ids.index(pid)
+                if nb.similarities[i] > best_sim:
+                    best_s, best_i, best_sim = s, i, float(nb.similarities[i])
+        if best_s is None or not found[best_s].matched:
+            raise IntegrityError(f"{base.source}: verification found no matched window for a neighbour")
+        nb = found[best_s]
+        if best_s not in views:
+            views[best_s] = margin_view(base, best_s, config, verifier.max_shift)
+        single = Neighbours((pid,), nb.similarities[best_i : best_i + 1], matched=(nb.matched[best_i],))
+        verified = verifier.verify(single, views[best_s]).verified
+        scores.append(float(verified[0]) if verified is not None else -1.0)
+    return dataclasses.replace(merged, verified=np.asarray(scores, dtype=np.float64))
+
+
+def judge_windows(
+    volume: Volume, config: PreprocessConfig, judge: Judge, k: int, verifier: Verifier | None = None
+) -> WindowResult:
     """Judge every part of a candidate larger than the grid (see the module docstring).
 
     Args:
@@ -171,6 +225,8 @@ def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int
         config: the index's (encoder's) preprocessing; ``fov`` must be ``crop``.
         judge: embeds and searches a list of windows (:data:`Judge`).
         k: neighbours kept (the policy's ``k``).
+        verifier: a verifying index's verification: each reported patient is then verified on
+            the window where it scored highest (:func:`verify_windows`).
 
     Returns:
         The patient-level maximum over every window, the window count and the best window.
@@ -247,4 +303,7 @@ def judge_windows(volume: Volume, config: PreprocessConfig, judge: Judge, k: int
                 break
             best = nxt
     best_start = max(found, key=top1)
-    return WindowResult(merge_neighbours(list(found.values()), k), len(found), best_start)
+    merged = merge_neighbours(list(found.values()), k)
+    if verifier is not None:
+        merged = verify_windows(base, found, merged, config, verifier)
+    return WindowResult(merged, len(found), best_start)

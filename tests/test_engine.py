@@ -156,6 +156,9 @@ class KillingEngine:
             ray.kill(actor, no_restart=not self._restart)
         return self._inner.embed(items)
 
+    def views(self, items: Any, verifier: Any) -> Any:
+        return self._inner.views(items, verifier)
+
 
 @pytest.mark.parametrize("restart", [True, False], ids=["retried", "fails-closed"])
 def test_killed_actor_every_candidate_gets_exactly_one_record(

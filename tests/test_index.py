@@ -209,7 +209,7 @@ def test_refuses_missing_or_foreign_manifest(
     with pytest.raises(IntegrityError, match=r"manifest.json: not found; expected an index folder"):
         TrainingIndex.load(tmp_path / "nowhere", encoder)
     _edit_manifest(index_dir, format_version=99)
-    with pytest.raises(IntegrityError, match=r"format_version 99; this gate reads 4; rebuild it"):
+    with pytest.raises(IntegrityError, match=r"format_version 99; this gate reads 5; rebuild it"):
         TrainingIndex.load(index_dir, encoder)
 
 

@@ -14,11 +14,12 @@ from gate.cli.options import input_options, read_options
 from gate.digest import sha256_file, sha256_source
 from gate.domain import Domain, measure_domain
 from gate.engine import Engine, EngineConfig, engine_options, open_engine
-from gate.errors import ExitCode, InputError, IntegrityError, UsageError
+from gate.errors import ExitCode, GateError, InputError, IntegrityError, UsageError
 from gate.index import DEFAULT_SEED, EmbeddingModel, Probe, build_index
 from gate.poses import IDENTITY_ONLY, POSE_SETS, PoseSet
 from gate.shards import SHARDS_FILE, build_sharded
 from gate.values import Volume
+from gate.verify import VerifySetup, prepare_verification
 from gate.volume import ReadOptions, discover, read_volumes
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -204,6 +205,16 @@ def index() -> None:
     "canonical axes), on windows of the grid over all of them (gate.windows); default: refuse "
     "them as out of domain.",
 )
+@click.option(
+    "--verify/--no-verify",
+    "verify",
+    default=True,
+    show_default=True,
+    help="Store the preprocessed training grids so every candidate's retrieved patients are "
+    "re-scored by alignment (gate.verify), and calibrate that score on real patients and on "
+    "simulated copies (gate.copies). The index folder then holds training voxels: keep it "
+    "as private as the training data.",
+)
 @engine_options
 def build(
     data: tuple[Path, ...],
@@ -219,6 +230,7 @@ def build(
     max_voxels: int,
     shards: int,
     window_fov: tuple[float, float, float] | None,
+    verify: bool,
     engine: str,
     ray_address: str | None,
     workers: int,
@@ -252,7 +264,9 @@ def build(
     )
     config = EngineConfig(engine, ray_address, workers, batch_size, num_gpus, encoder_dir, device)
     with open_engine(config, encoder) as eng:
-        _build_on(eng, volumes, held, hashes, poses, encoder, encoder_dir, out_dir, seed, shards, domain)
+        _build_on(
+            eng, volumes, held, hashes, poses, encoder, encoder_dir, out_dir, seed, shards, domain, verify
+        )
 
 
 def _build_on(
@@ -267,24 +281,30 @@ def _build_on(
     seed: int,
     shards: int,
     domain: Domain,
+    verify: bool = True,
 ) -> None:
     probes = eng.embed_volumes(volumes, poses)
     patient_ids = [v.patient_id for v in volumes]
     row_patient_ids = [pid for pid in patient_ids for _ in range(len(poses))]
     vectors = _matrix(probes)
     calibration: Calibration
+    held_vectors = None
     if held:
         click.echo(f"calibrating on {len(held)} holdout volume(s)")
-        calibration = holdout(
-            _matrix(eng.embed_volumes(held, IDENTITY_ONLY)),
-            [v.patient_id for v in held],
-            vectors,
-            row_patient_ids,
-        )
+        held_vectors = _matrix(eng.embed_volumes(held, IDENTITY_ONLY))
+        calibration = holdout(held_vectors, [v.patient_id for v in held], vectors, row_patient_ids)
     else:
         as_read = np.arange(0, len(vectors), len(poses))
         calibration = leave_one_patient_out(vectors, row_patient_ids, seed, query_rows=as_read)
     p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
+    setup = None
+    if verify:
+        click.echo("verification: storing training grids, calibrating on real patients and simulated copies")
+        setup = prepare_verification(
+            volumes, vectors, poses, encoder.preprocess, encoder.embed_array, seed, held, held_vectors
+        )
+        calibration = setup.cosine_calibration  # the cosine as verified checks compute it
+        p50, p90, p99 = (float(np.percentile(calibration.similarities, q)) for q in (50, 90, 99))
     if shards > 1:
         sharded = build_sharded(
             probes,
@@ -298,6 +318,7 @@ def _build_on(
             poses,
             eng.mapper,
             domain,
+            setup,
         )
         keep_encoder_copy(encoder, encoder_dir, out_dir)
         click.echo(f"index: {out_dir} ({shards} shards)")
@@ -314,9 +335,12 @@ def _build_on(
             f"  calibration ({calibration.method.value}, {calibration.n_patients} patients): "
             f"nearest-training similarity p50 {p50:.4f}, p90 {p90:.4f}, p99 {p99:.4f}"
         )
+        _echo_verification(setup, calibration)
         click.echo(f"  shards.json sha256 {sha256_file(out_dir / SHARDS_FILE)}")
         return
-    manifest = build_index(probes, patient_ids, hashes, encoder, out_dir, calibration, seed, poses, domain)
+    manifest = build_index(
+        probes, patient_ids, hashes, encoder, out_dir, calibration, seed, poses, domain, setup
+    )
     keep_encoder_copy(encoder, encoder_dir, out_dir)
     click.echo(f"index: {out_dir}")
     click.echo(
@@ -333,7 +357,45 @@ def _build_on(
         f"nearest-training similarity p50 {p50:.4f}, p90 {p90:.4f}, p99 {p99:.4f}"
     )
     click.echo(f"  domain: {domain.describe()}")
+    _echo_verification(setup, calibration)
     click.echo(f"  index sha256 {manifest.index_sha256}")
+
+
+def _echo_verification(setup: VerifySetup | None, calibration: Calibration) -> None:
+    """Print the verified calibration and, per shipped policy, its copy-block and novel-pass rates."""
+    if setup is None:
+        click.echo("  verification: off (--no-verify)")
+        return
+    from gate.decide import pass_rate
+    from gate.index_manifest import Verification
+    from gate.policy import load_policy, policy_names
+
+    cal, copies = setup.calibration, setup.copies
+    click.echo(
+        f"  verification: shifts +-{setup.max_shift} voxels; verified score of real patients "
+        f"({cal.method.value}, {cal.n_patients}) p50 {float(np.percentile(cal.similarities, 50)):.4f} "
+        f"max {cal.similarities[-1]:.4f}; of {copies.n_patients} simulated copies "
+        f"min {copies.similarities[0]:.4f} p1 {float(np.percentile(copies.similarities, 1)):.4f}"
+    )
+    record = Verification(
+        max_shift_vox=setup.max_shift,
+        grids_sha256="0" * 64,
+        calibration=setup.calibration,
+        copies=setup.copies,
+        copies_cosine=setup.copies_cosine,
+    )
+    for name in policy_names():
+        policy = load_policy(name)
+        try:
+            blocked = 1.0 - pass_rate(setup.copy_pairs, policy, calibration, record)
+            passed = pass_rate(setup.novel_pairs, policy, calibration, record)
+        except GateError as err:
+            click.echo(f"  policy {name}: cannot be resolved on this index ({err})")
+            continue
+        click.echo(
+            f"  policy {name}: blocks {blocked:.2%} of {len(setup.copy_pairs)} simulated copies, passes "
+            f"{passed:.2%} of {len(setup.novel_pairs)} real patients"
+        )
 
 
 def _matrix(probes: list[Probe]) -> np.ndarray:

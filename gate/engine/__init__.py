@@ -28,6 +28,7 @@ from gate.policy import LoadedPolicy
 from gate.poses import PoseSet
 from gate.shards import Mapper, Searcher
 from gate.values import Decision, Neighbours, Volume
+from gate.verify import VERIFY_K, Verifier, View, grid_search, reported, retrieve_and_verify
 from gate.volume import ReadOptions
 
 ENGINES = ("local", "ray")
@@ -97,6 +98,10 @@ class Engine(Protocol):
 
     def open_index(self, index_dir: Path) -> Searcher:
         """Load and verify an index (sharded or not) for searching."""
+        ...
+
+    def views(self, items: Sequence[Item], verifier: Verifier) -> list[View]:
+        """Each item's grid with the verifier's margin of context (:mod:`gate.verify`), in order."""
         ...
 
     def close(self) -> None:
@@ -234,16 +239,21 @@ def search_items(
 
     whole = [it for it, w in zip(items, windowed, strict=True) if not w]
     probes = engine.embed(whole)
-    found = iter(index.search_many([p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=k))
+    verifier = index.verifier
+    searched = index.search_many([p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=k)
+    if verifier is not None and whole:
+        views = engine.views(whole, verifier)
+        searched = retrieve_and_verify(verifier, searched, views, grid_search(engine.encoder, index), k)
+    found = iter(searched)
 
-    def views_judge(source: str) -> Callable[[list[np.ndarray]], list[Neighbours]]:
+    def views_judge(source: str, depth: int) -> Callable[[list[np.ndarray]], list[Neighbours]]:
         def judge_views(views: list[np.ndarray]) -> list[Neighbours]:
             view_probes = []
             for i in range(0, len(views), WINDOW_BATCH):
                 part = views[i : i + WINDOW_BATCH]
                 view_probes.extend(embed_grids(part, engine.encoder, [source] * len(part)))
             return index.search_many(
-                [p.embedding for p in view_probes], [p.voxel_sha256 for p in view_probes], k=k
+                [p.embedding for p in view_probes], [p.voxel_sha256 for p in view_probes], k=depth
             )
 
         return judge_views
@@ -251,8 +261,11 @@ def search_items(
     out: list[Neighbours] = []
     for item, w in zip(items, windowed, strict=True):
         if w:
-            result = judge_windows(item.ref, engine.encoder.preprocess, views_judge(item.source), k)
-            out.append(result.neighbours)
+            depth = k if verifier is None else max(k, VERIFY_K)  # windows verify as deep as whole ones
+            result = judge_windows(
+                item.ref, engine.encoder.preprocess, views_judge(item.source, depth), depth, verifier
+            )
+            out.append(result.neighbours if verifier is None else reported(result.neighbours, k))
         else:
             out.append(next(found))
     return out
@@ -407,7 +420,7 @@ def judge_items(
         audit.append(AuditEntry.for_error(run_id, problem(err), policy.id, policy.sha256, provider))
     try:
         neighbours = search_items(engine, index, items, windowed, policy.policy.k)
-        decisions = [decide(n, policy, index.calibration) for n in neighbours]
+        decisions = [decide(n, policy, index.calibration, index.verification) for n in neighbours]
     except Exception as err:
         shas = [it.candidate_sha256 for it in items]
         for entry in undecided_entries(run_id, err, policy.id, policy.sha256, provider, shas):

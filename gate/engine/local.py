@@ -13,6 +13,7 @@ from gate.index_manifest import EmbeddingModel
 from gate.poses import IDENTITY_ONLY, PoseSet
 from gate.shards import Searcher, load_index, process_map
 from gate.values import Volume
+from gate.verify import Verifier, View
 from gate.volume import ReadOptions
 
 
@@ -42,6 +43,10 @@ class LocalEngine:
     def open_index(self, index_dir: Path) -> Searcher:
         """:func:`gate.shards.load_index`."""
         return load_index(index_dir, self.encoder)
+
+    def views(self, items: Sequence[Item], verifier: Verifier) -> list[View]:
+        """Each item's volume with the verifier's margin (:meth:`gate.verify.Verifier.view`)."""
+        return [verifier.view(it.ref) for it in items]
 
     def close(self) -> None:
         """Nothing to release."""

@@ -45,7 +45,7 @@ from gate.errors import (
     WorkerError,
 )
 from gate.index import DEFAULT_K, Probe
-from gate.index_manifest import EmbeddingModel, IndexManifest, read_manifest
+from gate.index_manifest import EmbeddingModel, IndexManifest, Verification, read_manifest
 from gate.poses import IDENTITY_ONLY, PoseSet, posed_grids
 from gate.preprocess import PreprocessConfig
 from gate.shards import (
@@ -56,6 +56,7 @@ from gate.shards import (
     verify_shard_files,
 )
 from gate.values import Embedding, Neighbours, Volume, merge_neighbours
+from gate.verify import Verifier, View
 from gate.volume import ReadOptions, discover, read_volumes
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,11 @@ def read_tasks() -> int:
 
 
 def _read_batch(
-    batch: dict[str, np.ndarray], options: ReadOptions, preprocess: PreprocessConfig, domain: Domain | None
+    batch: dict[str, np.ndarray],
+    options: ReadOptions,
+    preprocess: PreprocessConfig,
+    domain: Domain | None,
+    margin: int = 0,
 ) -> dict[str, np.ndarray]:
     """The ray.data read stage: read, check the domain, preprocess (identity pose) and hash.
 
@@ -98,6 +103,9 @@ def _read_batch(
         options: how to read.
         preprocess: the encoder's preprocessing.
         domain: the index's domain.
+        margin: a verifying index's shift range: each volume row also carries its ``view``
+            (the grid with ``margin`` voxels of context) and ``view_mask``
+            (:func:`gate.verify.grid_with_mask`); 0: no such columns.
 
     Returns:
         One row per volume (``kind`` :data:`VOLUME`, its (1, X, Y, Z) float32 ``grid``), per
@@ -106,15 +114,28 @@ def _read_batch(
 
     """
     from gate.domain import check_in_domain
+    from gate.verify import grid_with_mask
 
-    cols: dict[str, list[Any]] = {name: [] for name in (*META, "grid")}
+    cols: dict[str, list[Any]] = {name: [] for name in (*META, "grid", "view", "view_mask")}
     zeros = np.zeros((1, *preprocess.grid), np.float32)
+    wide = tuple(g + 2 * margin for g in preprocess.grid) if margin else (1, 1, 1)
+    no_view, no_mask = np.zeros(wide, np.float32), np.zeros(wide, bool)
 
     def row(
-        pos: int, sub: int, kind: str, source: str, cand: str, voxel: str, problem: str, grid: np.ndarray
+        pos: int,
+        sub: int,
+        kind: str,
+        source: str,
+        cand: str,
+        voxel: str,
+        problem: str,
+        grid: np.ndarray,
+        view: tuple[np.ndarray, np.ndarray] = (no_view, no_mask),
     ) -> None:
         for name, value in zip(
-            (*META, "grid"), (pos, sub, kind, source, cand, voxel, problem, grid), strict=True
+            (*META, "grid", "view", "view_mask"),
+            (pos, sub, kind, source, cand, voxel, problem, grid, *view),
+            strict=True,
         ):
             cols[name].append(value)
 
@@ -135,9 +156,22 @@ def _read_batch(
                 continue
             (grid,) = posed_grids(vol, preprocess, IDENTITY_ONLY)
             grid = grid.astype(np.float32, copy=False)
-            row(pos, sub, VOLUME, vol.source, sha256_voxels(vol.data), sha256_voxels(grid), "", grid[None])
+            view = grid_with_mask(vol, preprocess, margin) if margin else (no_view, no_mask)
+            row(
+                pos,
+                sub,
+                VOLUME,
+                vol.source,
+                sha256_voxels(vol.data),
+                sha256_voxels(grid),
+                "",
+                grid[None],
+                view,
+            )
     out = {name: np.asarray(cols[name]) for name in META}
     out["grid"] = np.stack(cols["grid"]) if cols["grid"] else np.zeros((0, *zeros.shape), np.float32)
+    out["view"] = np.stack(cols["view"]) if cols["view"] else np.zeros((0, *wide), np.float32)
+    out["view_mask"] = np.stack(cols["view_mask"]) if cols["view_mask"] else np.zeros((0, *wide), bool)
     return out
 
 
@@ -283,14 +317,32 @@ class RemoteEncoder:
         return np.concatenate(self._engine.map_embed([ray.put(p) for p in parts]))
 
 
+def _driver_verifier(dirs: Sequence[Path], manifests: Sequence[IndexManifest]) -> Verifier | None:
+    """The verification stage on the driver: every shard's grids, digest-checked here."""
+    from gate.index import load_grids
+    from gate.shards import combined_verifier
+
+    return combined_verifier(
+        manifests[0], [(m, load_grids(d, m)) for d, m in zip(dirs, manifests, strict=True)]
+    )
+
+
 class RayIndex:
     """A verified index (sharded or not) served by one :class:`ShardActor` per shard."""
 
     def __init__(
-        self, sha256: str, calibration: Calibration, domain: Domain | None, actors: list[Any]
+        self,
+        sha256: str,
+        calibration: Calibration,
+        domain: Domain | None,
+        actors: list[Any],
+        verification: Verification | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         self.sha256 = sha256
         self.domain = domain
+        self.verification = verification
+        self.verifier = verifier
         self._calibration = calibration
         self._actors = actors
 
@@ -413,10 +465,12 @@ class RayEngine:
         n_blocks = -(-len(rows) // size)
         ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
         _quiet(ds.context)
+        verification = self._index.verification
         kwargs = {
             "options": options,
             "preprocess": self._driver_encoder.preprocess,
             "domain": self._index.domain,
+            "margin": verification.max_shift_vox if verification is not None else 0,
         }
         try:
             read = ds.map_batches(
@@ -479,6 +533,28 @@ class RayEngine:
             probes.append(Probe(embedding=emb, voxel_sha256=voxel_sha))
         return probes
 
+    def views(self, items: Sequence[Item], verifier: Verifier) -> list[View]:
+        """The items' views from the last :meth:`read`'s blocks (the read tasks made them), in order."""
+        wanted = {(it.ref[0], it.ref[1]) for it in items if isinstance(it.ref, tuple)}
+        found: dict[tuple[int, int], View] = {}
+        for ref in self._blocks:
+            rows = BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy")
+            for i, (pos, sub) in enumerate(zip(rows["pos"].tolist(), rows["sub"].tolist(), strict=True)):
+                if (pos, sub) in wanted and rows["kind"][i] == VOLUME:
+                    found[(pos, sub)] = View(rows["view"][i], rows["view_mask"][i])
+        out = []
+        for it in items:
+            if isinstance(it.ref, Volume):
+                out.append(verifier.view(it.ref))
+                continue
+            view = found.get((it.ref[0], it.ref[1]))
+            if view is None or view.shape != tuple(g + 2 * verifier.max_shift for g in verifier.config.grid):
+                raise IntegrityError(
+                    f"{it.source}: no verification view in the last read on Ray; read it again"
+                )
+            out.append(view)
+        return out
+
     def embed_volumes(self, volumes: Sequence[Volume], poses: PoseSet) -> list[Probe]:
         """:func:`gate.index.embed_volumes` in chunks on the actor pool (index build)."""
         size = max(1, self.config.batch_size // len(poses))
@@ -525,14 +601,21 @@ class RayEngine:
             from gate.digest import sha256_file
             from gate.shards import SHARDS_FILE
 
+            verifier = _driver_verifier([index_dir / e.name for e in manifest.shards], manifests)
             index = RayIndex(
-                sha256_file(index_dir / SHARDS_FILE), manifest.calibration, manifest.domain, actors
+                sha256_file(index_dir / SHARDS_FILE),
+                manifest.calibration,
+                manifest.domain,
+                actors,
+                manifests[0].verification,
+                verifier,
             )
         else:
             read_manifest(index_dir)  # a clear error here before any actor starts
             actors = [cls.remote(str(index_dir), identity)]
             (m,) = _get([a.manifest.remote() for a in actors])
-            index = RayIndex(m.index_sha256, m.calibration, m.domain, actors)
+            verifier = _driver_verifier([index_dir], [m])
+            index = RayIndex(m.index_sha256, m.calibration, m.domain, actors, m.verification, verifier)
         self._shard_actors.extend(actors)
         self._index = index
         return index
