@@ -39,8 +39,9 @@ from gate.errors import IntegrityError
 from gate.signing import SigningKey
 from gate.values import Decision, Grade
 
-AUDIT_SCHEMA_VERSION = 1
-"""Version of the record layout; a reader refuses records of another version."""
+AUDIT_SCHEMA_VERSION = 2
+"""Version of the record layout; a reader refuses records of another version (2: the verified
+score, its patient and thresholds)."""
 
 GENESIS_HASH = "0" * 64
 """``prev_hash`` of the first record of a log."""
@@ -77,6 +78,11 @@ class AuditEntry(BaseModel):
         similar_threshold: the resolved ``similar`` threshold (for histograms).
         duplicate_threshold: the resolved ``duplicate`` threshold.
         exact_duplicate: the voxel-hash check matched a training volume.
+        verified: on a verifying index, the verified score (best masked NCC after alignment,
+            :mod:`gate.verify`) over the reported patients.
+        verified_patient_id: the patient it was reached with.
+        verified_similar_threshold: the resolved ``similar`` threshold of the verified score.
+        verified_duplicate_threshold: the resolved ``duplicate`` threshold of the verified score.
         policy_id: policy name.
         policy_sha256: sha256 of the policy file.
         provider: the onnxruntime execution provider that embedded the candidate.
@@ -104,6 +110,10 @@ class AuditEntry(BaseModel):
     similar_threshold: float | None = Field(default=None, allow_inf_nan=False)
     duplicate_threshold: float | None = Field(default=None, allow_inf_nan=False)
     exact_duplicate: bool = False
+    verified: float | None = Field(default=None, allow_inf_nan=False, ge=-1.0, le=1.0)
+    verified_patient_id: str | None = None
+    verified_similar_threshold: float | None = Field(default=None, allow_inf_nan=False)
+    verified_duplicate_threshold: float | None = Field(default=None, allow_inf_nan=False)
     policy_id: str
     policy_sha256: str
     provider: str
@@ -139,6 +149,10 @@ class AuditEntry(BaseModel):
             similar_threshold=decision.details.get("similar_threshold"),
             duplicate_threshold=decision.details.get("duplicate_threshold"),
             exact_duplicate=decision.exact_duplicate,
+            verified=decision.details.get("verified"),
+            verified_patient_id=decision.verified_patient_id,
+            verified_similar_threshold=decision.details.get("verified_similar_threshold"),
+            verified_duplicate_threshold=decision.details.get("verified_duplicate_threshold"),
             policy_id=decision.policy_id,
             policy_sha256=decision.policy_sha256,
             provider=provider,

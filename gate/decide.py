@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from gate.calibration import Calibration
 from gate.errors import IntegrityError
+from gate.index_manifest import Verification
 from gate.policy import LoadedPolicy
 from gate.values import Decision, Grade, Neighbours, Verdict
 
@@ -37,18 +40,43 @@ class ResolvedThresholds:
     duplicate: float
 
 
-def resolve_thresholds(policy: LoadedPolicy, calibration: Calibration | None) -> ResolvedThresholds:
+def resolve_thresholds(
+    policy: LoadedPolicy, calibration: Calibration | None, copies: Calibration | None = None
+) -> ResolvedThresholds:
     """Absolute cosine thresholds of ``policy`` under ``calibration``, capped at the ceiling.
 
+    Args:
+        policy: the policy.
+        calibration: real new patients' nearest cosine similarities (percentile thresholds).
+        copies: simulated copies' nearest cosine similarities (``copies`` thresholds).
+
     Raises:
-        PolicyError: a percentile threshold and no calibration.
+        PolicyError: a percentile threshold and no calibration (or a copies one and no copies).
         UsageError: the calibration is too small for percentiles.
 
     """
     th = policy.policy.thresholds
-    similar = min(th.similar.resolve(calibration, "thresholds.similar"), DUPLICATE_CEILING)
-    duplicate = min(th.duplicate.resolve(calibration, "thresholds.duplicate"), DUPLICATE_CEILING)
+    similar = min(th.similar.resolve(calibration, "thresholds.similar", copies), DUPLICATE_CEILING)
+    duplicate = min(th.duplicate.resolve(calibration, "thresholds.duplicate", copies), DUPLICATE_CEILING)
     return ResolvedThresholds(similar=similar, duplicate=duplicate)
+
+
+def resolve_verified(policy: LoadedPolicy, verification: Verification) -> ResolvedThresholds:
+    """Thresholds of the verified score, capped at the ceiling.
+
+    ``policy.verified`` (or ``thresholds``) resolved under the index's verified calibration and
+    simulated copies.
+    """
+    th = policy.policy.verified_thresholds
+    where = "verified" if policy.policy.verified is not None else "thresholds"
+    cal, copies = verification.calibration, verification.copies
+    similar = min(th.similar.resolve(cal, f"{where}.similar", copies), DUPLICATE_CEILING)
+    duplicate = min(th.duplicate.resolve(cal, f"{where}.duplicate", copies), DUPLICATE_CEILING)
+    return ResolvedThresholds(similar=similar, duplicate=duplicate)
+
+
+GRADE_ORDER: dict[Grade, int] = {Grade.DIFFERENT: 0, Grade.SIMILAR: 1, Grade.DUPLICATE: 2}
+"""Grades from least to most similar: the decision takes the higher of the two scores' grades."""
 
 
 def grade_of(similarity: float, thresholds: ResolvedThresholds) -> tuple[Grade, float]:
@@ -65,37 +93,67 @@ def grade_of(similarity: float, thresholds: ResolvedThresholds) -> tuple[Grade, 
     return Grade.DIFFERENT, thresholds.similar
 
 
-def decide(neighbours: Neighbours, policy: LoadedPolicy, calibration: Calibration | None) -> Decision:
+def decide(
+    neighbours: Neighbours,
+    policy: LoadedPolicy,
+    calibration: Calibration | None,
+    verification: Verification | None = None,
+) -> Decision:
     """Judge one candidate.
+
+    On an index that verifies, the verified score (:mod:`gate.verify`) is graded beside the
+    cosine and the higher grade decides: verification can only make a decision stricter.
 
     Args:
         neighbours: the candidate's nearest training patients (patient-level max, closest first).
         policy: the loaded policy.
         calibration: the index's calibration, to resolve percentile thresholds (may be None
             for policies with absolute thresholds only).
+        verification: the index's verification record (None: the index does not verify).
 
     Returns:
         The decision; ``details`` holds the resolved thresholds and, with a calibration, the
-        fraction of calibration patients less similar than this candidate.
+        fraction of calibration patients less similar than this candidate; on a verifying
+        index also the verified score and its thresholds.
 
     Raises:
-        IntegrityError: a non-finite similarity (never a pass).
+        IntegrityError: a non-finite similarity (never a pass); an index that verifies and
+            neighbours that were not verified, or verified neighbours from an index that does not.
         PolicyError: percentile thresholds without calibration.
 
     """
     similarity = neighbours.nearest_similarity
     if not math.isfinite(similarity):
         raise IntegrityError(f"nearest similarity is {similarity}; expected a finite cosine; check the index")
-    thresholds = resolve_thresholds(policy, calibration)
+    if (verification is None) != (neighbours.verified is None):
+        raise IntegrityError(
+            "the index verifies but the candidate was not verified"
+            if verification is not None
+            else "verified scores from an index that records no verification"
+        )
+    copies_cos = verification.copies_cosine if verification is not None else None
+    thresholds = resolve_thresholds(policy, calibration, copies_cos)
     exact = policy.policy.exact_duplicate_check and neighbours.exact_duplicate
     if exact:
         grade, threshold = Grade.DUPLICATE, thresholds.duplicate
     else:
         grade, threshold = grade_of(similarity, thresholds)
-    verdict: Verdict = policy.policy.actions.for_grade(grade)
     details = {"similar_threshold": thresholds.similar, "duplicate_threshold": thresholds.duplicate}
     if calibration is not None:
         details["calibration_rank"] = calibration.rank(similarity)
+    verified = neighbours.nearest_verified
+    verified_pid = neighbours.verified_patient_id
+    if verification is not None and verified is not None:
+        vth = resolve_verified(policy, verification)
+        vgrade, vthreshold = grade_of(verified, vth)
+        details |= {
+            "verified": verified,
+            "verified_similar_threshold": vth.similar,
+            "verified_duplicate_threshold": vth.duplicate,
+        }
+        if GRADE_ORDER[vgrade] > GRADE_ORDER[grade]:
+            grade, threshold = vgrade, vthreshold
+    verdict: Verdict = policy.policy.actions.for_grade(grade)
     return Decision(
         verdict=verdict,
         grade=grade,
@@ -106,4 +164,31 @@ def decide(neighbours: Neighbours, policy: LoadedPolicy, calibration: Calibratio
         policy_sha256=policy.sha256,
         exact_duplicate=exact,
         details=details,
+        verified_patient_id=verified_pid,
     )
+
+
+def pass_rate(
+    pairs: np.ndarray, policy: LoadedPolicy, calibration: Calibration, verification: Verification | None
+) -> float:
+    """Fraction of (cosine, verified) score pairs that ``policy`` passes, by :func:`decide` itself.
+
+    Args:
+        pairs: float (n, 2) nearest cosine and verified score per query (column 1 ignored
+            without ``verification``).
+        policy: the policy.
+        calibration: the index's cosine calibration.
+        verification: the index's verification record, or None.
+
+    """
+    if len(pairs) == 0:
+        return float("nan")
+    passed = 0
+    for cos, ver in pairs.tolist():
+        nb = Neighbours(
+            patient_ids=("p-0000000000000000",),
+            similarities=np.asarray([min(max(cos, -1.0), 1.0)]),
+            verified=None if verification is None else np.asarray([min(max(ver, -1.0), 1.0)]),
+        )
+        passed += decide(nb, policy, calibration, verification).passed
+    return passed / len(pairs)

@@ -38,6 +38,7 @@ from gate.policy import LoadedPolicy
 from gate.report import quarantine_candidate
 from gate.signing import SigningKey
 from gate.values import Decision, Grade, Verdict, Volume
+from gate.verify import grid_search, verify_all
 
 if TYPE_CHECKING:
     from gate.generator.plugins import CandidateGenerator as Generator
@@ -72,7 +73,7 @@ QUARANTINE_DIR_NAME = "quarantine"
 """Candidates that were not exported go to ``<out root>/quarantine/<run id>/`` (internal, outside
 every bundle), one ``<candidate sha256>.nii.gz`` each, for ``gate audit report``."""
 
-STAGES = ("load", "generate", "embed", "search", "decide", "audit", "quarantine", "export")
+STAGES = ("load", "generate", "embed", "search", "verify", "decide", "audit", "quarantine", "export")
 """Timed stages, in order, as reported in the summary."""
 
 
@@ -298,7 +299,12 @@ def run_generate(
                 [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
             )
             t = clock.add("search", t)
-            decisions: list[Decision] = [decide(nb, policy, index.calibration) for nb in neighbours]
+            k = policy.policy.k
+            neighbours = verify_all(index.verifier, neighbours, volumes, grid_search(encoder, index), k)
+            t = clock.add("verify", t)
+            decisions: list[Decision] = [
+                decide(nb, policy, index.calibration, index.verification) for nb in neighbours
+            ]
             t = clock.add("decide", t)
         except Exception as err:
             shas = [sha256_voxels(volumes[j].data) if j < len(volumes) else None for j in range(count)]

@@ -22,15 +22,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gate.calibration import Calibration
 from gate.digest import sha256_bytes
-from gate.errors import PolicyError
+from gate.errors import PolicyError, UsageError
 from gate.values import VERDICT_SEVERITY, Grade, Verdict
+
+if TYPE_CHECKING:
+    from gate.index_manifest import Verification
 
 POLICY_SCHEMA_VERSION = 1
 """The one schema version this code reads; a policy must state it so old files fail loudly."""
@@ -47,6 +50,7 @@ class ThresholdKind(StrEnum):
 
     ABSOLUTE = "absolute"
     PERCENTILE = "percentile"
+    COPIES = "copies"
 
 
 class Aggregation(StrEnum):
@@ -82,21 +86,39 @@ class Threshold(BaseModel):
                 f"a percentile threshold is a percentile of the calibration distribution; found "
                 f"{self.value}; allowed values: 0 <= value <= 100"
             )
+        if self.kind is ThresholdKind.COPIES and not 0.0 <= self.value <= 100.0:
+            raise ValueError(
+                f"a copies threshold is a percentile of the index's simulated copies; found "
+                f"{self.value}; allowed values: 0 <= value <= 100"
+            )
         return self
 
-    def resolve(self, calibration: Calibration | None, where: str) -> float:
-        """Return the threshold as a cosine similarity.
+    def resolve(
+        self, calibration: Calibration | None, where: str, copies: Calibration | None = None
+    ) -> float:
+        """Return the threshold as a similarity (cosine, or the verified score for ``verified``).
 
         Args:
-            calibration: the index's calibration; needed for percentile thresholds.
+            calibration: the index's calibration of real new patients; needed for percentiles.
             where: the field path, for error messages (e.g. ``thresholds.similar``).
+            copies: the index's simulated copies' scores (:mod:`gate.copies`); needed for
+                ``copies`` thresholds: value ``p`` resolves to their ``p``-th percentile, so a
+                grade starting there holds ``100 - p`` % of the copies.
 
         Raises:
-            PolicyError: a percentile threshold without calibration.
+            PolicyError: a percentile threshold without calibration, a copies threshold without
+                simulated copies.
 
         """
         if self.kind is ThresholdKind.ABSOLUTE:
             return self.value
+        if self.kind is ThresholdKind.COPIES:
+            if copies is None:
+                raise PolicyError(
+                    f"{where} is percentile {self.value:g} of the index's simulated copies, but the index "
+                    "holds none; rebuild it with `gate index build --verify`"
+                )
+            return copies.percentile(self.value)
         if calibration is None:
             raise PolicyError(
                 f"{where} is percentile {self.value:g} of the calibration distribution, but no "
@@ -170,6 +192,9 @@ class Policy(BaseModel):
         aggregation: how a patient's volumes combine (``max``: the closest volume counts).
         exact_duplicate_check: reject any candidate whose preprocessed voxels hash equal to a
             training volume's, whatever the embedding says.
+        verified: thresholds of the verified score (:mod:`gate.verify`) on an index that
+            verifies; None: ``thresholds`` serve both scores, each percentile read from the
+            score's own calibration.
 
     """
 
@@ -182,6 +207,12 @@ class Policy(BaseModel):
     k: int = Field(ge=1, le=MAX_K)
     aggregation: Aggregation
     exact_duplicate_check: bool
+    verified: Thresholds | None = None
+
+    @property
+    def verified_thresholds(self) -> Thresholds:
+        """The thresholds the verified score is graded by."""
+        return self.verified if self.verified is not None else self.thresholds
 
 
 @dataclass(frozen=True)
@@ -323,20 +354,27 @@ def _bounds(loc: tuple[Any, ...]) -> str:
     return "see the policy file's comments"
 
 
-def at_least_as_strict(a: LoadedPolicy, b: LoadedPolicy, calibration: Calibration | None = None) -> bool:
+def at_least_as_strict(
+    a: LoadedPolicy,
+    b: LoadedPolicy,
+    calibration: Calibration | None = None,
+    verification: Verification | None = None,
+) -> bool:
     """Whether ``a`` provably rejects (and flags) everything ``b`` does.
 
     Sufficient condition, checked grade by grade: ``a``'s thresholds are no higher than
     ``b``'s, ``a``'s actions no milder, and ``a`` checks exact duplicates if ``b`` does.
     Since actions are monotone in similarity (enforced on load), this implies
     ``severity(a(s)) >= severity(b(s))`` for every similarity ``s``. Thresholds of different
-    kinds (absolute vs percentile) are comparable only through ``calibration``; without it the
-    answer is False (not provable).
+    kinds are comparable only through the distributions they are read from; without them the
+    answer is False (not provable). On a verifying index (``verification`` given) the verified
+    score's thresholds are compared the same way.
 
     Args:
         a: the supposedly stricter policy.
         b: the supposedly looser policy.
-        calibration: optional, to compare thresholds of different kinds.
+        calibration: optional, to compare cosine thresholds of different kinds.
+        verification: the index's verification record, when it verifies.
 
     Returns:
         True when proven.
@@ -348,14 +386,23 @@ def at_least_as_strict(a: LoadedPolicy, b: LoadedPolicy, calibration: Calibratio
     for grade in (Grade.DIFFERENT, Grade.SIMILAR, Grade.DUPLICATE):
         if VERDICT_SEVERITY[pa.actions.for_grade(grade)] < VERDICT_SEVERITY[pb.actions.for_grade(grade)]:
             return False
-    for name in ("similar", "duplicate"):
-        ta: Threshold = getattr(pa.thresholds, name)
-        tb: Threshold = getattr(pb.thresholds, name)
-        if ta.kind == tb.kind:
-            if ta.value > tb.value:
+    copies_cos = verification.copies_cosine if verification is not None else None
+    pairs = [(pa.thresholds, pb.thresholds, calibration, copies_cos)]
+    if verification is not None:
+        pairs.append(
+            (pa.verified_thresholds, pb.verified_thresholds, verification.calibration, verification.copies)
+        )
+    for ths_a, ths_b, cal, copies in pairs:
+        for name in ("similar", "duplicate"):
+            ta: Threshold = getattr(ths_a, name)
+            tb: Threshold = getattr(ths_b, name)
+            if ta.kind == tb.kind:
+                if ta.value > tb.value:
+                    return False
+                continue
+            try:
+                if ta.resolve(cal, name, copies) > tb.resolve(cal, name, copies):
+                    return False
+            except (PolicyError, UsageError):
                 return False
-        elif calibration is None:
-            return False
-        elif ta.resolve(calibration, name) > tb.resolve(calibration, name):
-            return False
     return True

@@ -48,6 +48,7 @@ from gate.index import EmbeddingModel, TrainingIndex, embed_volumes
 from gate.policy import LoadedPolicy, at_least_as_strict
 from gate.signing import signature_problem
 from gate.values import VERDICT_SEVERITY, Volume
+from gate.verify import grid_search, verify_all
 from gate.volume import ReadOptions, read_volumes
 
 READ_KEY = bytes(32)
@@ -419,7 +420,7 @@ def _check_policy(
         return
     if policy.sha256 == recorded.sha256:
         return
-    if not at_least_as_strict(policy, recorded, index.calibration):
+    if not at_least_as_strict(policy, recorded, index.calibration, index.verification):
         _fail(
             check,
             [
@@ -534,7 +535,10 @@ def _redecide(
         found = index.search_many(
             [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
         )
-        decisions = [decide(n, policy, index.calibration) for n in found]
+        k = policy.policy.k
+        search = grid_search(encoder, index)
+        found = verify_all(index.verifier, found, [v for _, v in volumes], search, k)
+        decisions = [decide(n, policy, index.calibration, index.verification) for n in found]
         for (source, _), decision in zip(volumes, decisions, strict=True):
             if not decision.passed:
                 result.problems.append(

@@ -24,6 +24,7 @@ from gate.index import TrainingIndex, build_index, embed_volumes
 from gate.policy import LoadedPolicy, load_policy
 from gate.signing import PUBLIC_KEY_FILE, SigningKey, load_or_create_signing_key
 from gate.values import Verdict, Volume
+from gate.verify import grid_search, verify_all
 from gate.volume import ReadOptions, read_volumes
 from tests.conftest import TEST_KEY
 from tests.index_helpers import ProjectionEncoder
@@ -37,9 +38,12 @@ GENERATOR_SHA = "9" * 64
 
 
 def release_policy_text(
-    similar: float = 0.97, duplicate: float = 0.99, similar_action: str = "reject"
+    similar: float = 0.97,
+    duplicate: float = 0.99,
+    similar_action: str = "reject",
+    verified: tuple[float, float] | None = None,
 ) -> str:
-    return (
+    text = (
         "schema_version: 1\n"
         "thresholds:\n"
         f"  similar: {{kind: absolute, value: {similar}}}\n"
@@ -47,6 +51,13 @@ def release_policy_text(
         f"actions: {{different: pass, similar: {similar_action}, duplicate: reject}}\n"
         "k: 2\naggregation: max\nexact_duplicate_check: true\n"
     )
+    if verified is not None:
+        text += (
+            "verified:\n"
+            f"  similar: {{kind: absolute, value: {verified[0]}}}\n"
+            f"  duplicate: {{kind: absolute, value: {verified[1]}}}\n"
+        )
+    return text
 
 
 def write_policy(folder: Path, name: str, text: str) -> LoadedPolicy:
@@ -125,12 +136,16 @@ def run_pipeline(
     )
     verdicts = {}
     with BundleWriter(out_dir, run_id, provenance, audit) as bundle:
-        probes = embed_volumes([v for _, _, v in candidates], training.encoder)
+        volumes = [v for _, _, v in candidates]
+        probes = embed_volumes(volumes, training.encoder)
+        k = policy.policy.k
         found = training.index.search_many(
-            [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=policy.policy.k
+            [p.embedding for p in probes], [p.voxel_sha256 for p in probes], k=k
         )
+        index = training.index
+        found = verify_all(index.verifier, found, volumes, grid_search(training.encoder, index), k)
         for (sample_id, seed, vol), neighbours in zip(candidates, found, strict=True):
-            decision = decide(neighbours, policy, training.index.calibration)
+            decision = decide(neighbours, policy, index.calibration, index.verification)
             if forge_pass:
                 decision = dataclasses.replace(decision, verdict=Verdict.PASS)
             verdicts[sample_id] = decision.verdict

@@ -172,3 +172,88 @@ def test_decide_is_pure(tmp_path: Path) -> None:
     n, p = neighbours(0.85), SHIPPED[1]
     assert decide(n, p, CAL) == decide(n, p, CAL)
     assert n.similarities.tolist() == [0.85]
+
+
+def _thresholds(draw: st.DrawFn) -> dict[str, dict[str, object]]:
+    kinds = [draw(st.sampled_from(["absolute", "percentile", "copies"])) for _ in range(2)]
+    values = [draw(st.floats(-1, 1)) if k == "absolute" else draw(st.floats(0, 100)) for k in kinds]
+    if kinds[0] == kinds[1]:
+        values.sort()
+    return {
+        "similar": {"kind": kinds[0], "value": values[0]},
+        "duplicate": {"kind": kinds[1], "value": values[1]},
+    }
+
+
+def verifying_policy(draw: st.DrawFn) -> LoadedPolicy:
+    """A random policy whose cosine and verified thresholds may each be of any kind, copies included."""
+    actions = sorted(
+        draw(st.lists(st.sampled_from(list(Verdict)), min_size=2, max_size=2)), key=VERDICT_SEVERITY.get
+    )
+    fields: dict[str, object] = {
+        "schema_version": 1,
+        "thresholds": _thresholds(draw),
+        "actions": {"different": actions[0], "similar": actions[1], "duplicate": "reject"},
+        "k": 1,
+        "aggregation": "max",
+        "exact_duplicate_check": draw(st.booleans()),
+    }
+    if draw(st.booleans()):
+        fields["verified"] = _thresholds(draw)
+    return LoadedPolicy(policy=Policy.model_validate(fields), id="random", sha256="0" * 64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    sim=similarities,
+    ver=similarities,
+    cal=calibrations,
+    vcal=calibrations,
+    copies=calibrations,
+    copies_cos=calibrations,
+    exact=st.booleans(),
+)
+def test_at_least_as_strict_is_sound_with_verification(
+    data: st.DataObject,
+    sim: float,
+    ver: float,
+    cal: Calibration,
+    vcal: Calibration,
+    copies: Calibration,
+    copies_cos: Calibration,
+    exact: bool,
+) -> None:
+    """On a verifying index, a policy proven stricter is never milder, whatever both scores are."""
+    from gate.index_manifest import Verification
+
+    record = Verification(
+        max_shift_vox=8, grids_sha256="0" * 64, calibration=vcal, copies=copies, copies_cosine=copies_cos
+    )
+    a, b = (data.draw(st.composite(verifying_policy)()) for _ in range(2))
+    if at_least_as_strict(a, b, cal, record):
+        nb = Neighbours(
+            patient_ids=("p-0000000000000001",),
+            similarities=np.array([sim]),
+            exact_duplicate=exact,
+            verified=np.array([ver]),
+        )
+        va, vb = decide(nb, a, cal, record).verdict, decide(nb, b, cal, record).verdict
+        assert VERDICT_SEVERITY[va] >= VERDICT_SEVERITY[vb]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sim=st.floats(1.0 - 1e-6, 1.0), ver=similarities, cal=calibrations, vcal=calibrations)
+def test_every_policy_rejects_an_exact_copy_on_a_verifying_index(
+    sim: float, ver: float, cal: Calibration, vcal: Calibration
+) -> None:
+    from gate.index_manifest import Verification
+
+    record = Verification(
+        max_shift_vox=8, grids_sha256="0" * 64, calibration=vcal, copies=vcal, copies_cosine=cal
+    )
+    nb = Neighbours(
+        patient_ids=("p-0000000000000001",), similarities=np.array([sim]), verified=np.array([ver])
+    )
+    for p in SHIPPED:
+        assert decide(nb, p, cal, record).verdict is Verdict.REJECT

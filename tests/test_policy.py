@@ -54,6 +54,18 @@ def test_strictness_chain() -> None:
     assert not at_least_as_strict(permissive, strict) and not at_least_as_strict(standard, strict)
 
 
+def test_strictness_chain_holds_for_the_verified_score_of_the_shipped_index() -> None:
+    from gate.index import DEFAULT_INDEX_DIR
+    from gate.index_manifest import read_manifest
+
+    m = read_manifest(DEFAULT_INDEX_DIR)
+    assert m.verification is not None
+    strict, standard, permissive = (load_policy(n) for n in ("strict", "standard", "permissive"))
+    for a, b in ((strict, standard), (standard, permissive), (strict, permissive)):
+        assert at_least_as_strict(a, b, m.calibration, m.verification)
+    assert not at_least_as_strict(permissive, strict, m.calibration, m.verification)
+
+
 def test_mixed_kinds_need_calibration(tmp_path: Path) -> None:
     strict = load_policy("strict")
     absolute = load_policy(
@@ -88,7 +100,7 @@ def test_bad_enum_value_names_path_value_and_allowed(tmp_path: Path) -> None:
     with pytest.raises(
         PolicyError,
         match=r"thresholds.similar.kind: 'relative' is not allowed; "
-        r"allowed values: 'absolute' or 'percentile'$",
+        r"allowed values: 'absolute', 'percentile' or 'copies'$",
     ):
         load_policy(str(path))
     path = write_policy(tmp_path, "bad3", aggregation="mean")
@@ -108,7 +120,7 @@ def test_unknown_field_lists_allowed_fields(tmp_path: Path) -> None:
     with pytest.raises(
         PolicyError,
         match=r"k_nearest: unknown field; allowed fields: schema_version, description, "
-        r"thresholds, actions, k, aggregation, exact_duplicate_check$",
+        r"thresholds, actions, k, aggregation, exact_duplicate_check, verified$",
     ):
         load_policy(str(path))
 
