@@ -433,6 +433,14 @@ def export_command(
     "poses (reported as NAME+poses).",
 )
 @click.option(
+    "--verify-poses",
+    type=click.Choice(["compact", "default", "none"]),
+    default=None,
+    help="Also score each encoder as a verifying index judges (gate.verify): training volumes under "
+    "these poses, the top-5 patients verified by alignment, the decision's two-score rule "
+    "(reported as NAME+verify:POSES, and the verified NCC alone as NAME+ncc:POSES).",
+)
+@click.option(
     "--no-baselines",
     is_flag=True,
     help="Skip Pearson (with and without --poses), SSIM, Dar's rule and the untrained encoder.",
@@ -478,6 +486,7 @@ def eval_command(
     ssim_subset: int,
     no_sweep: bool,
     poses_name: str,
+    verify_poses: str | None,
     no_baselines: bool,
     validation_fraction: float,
     validation_seed: int,
@@ -545,6 +554,28 @@ def eval_command(
                     f"{name}+poses", enc.embed_array, POSE_SETS[poses_name], [raws[i] for i in tr], cfg
                 )
             )
+        if verify_poses is not None:
+            train_raws = [raws[i] for i in tr]
+            shared: dict[str, object] = {}
+            scorers += [
+                bm.VerifiedScorer(
+                    f"{name}+verify:{verify_poses}",
+                    enc.embed_array,
+                    POSE_SETS[verify_poses],
+                    train_raws,
+                    cfg,
+                    shared=shared,
+                ),
+                bm.VerifiedScorer(
+                    f"{name}+ncc:{verify_poses}",
+                    enc.embed_array,
+                    POSE_SETS[verify_poses],
+                    train_raws,
+                    cfg,
+                    mode="verified",
+                    shared=shared,
+                ),
+            ]
         if not no_baselines:
             scorers.append(bm.DarScorer(f"dar:{name}", enc.embed_array))
     if not no_baselines:
@@ -591,16 +622,21 @@ def eval_command(
         for item in encoders:
             name, _, path = item.partition("=")
             enc = Encoder(Path(path), device="cpu")
-            result["partial_copy"][f"{name}+poses"] = bm.partial_copy_family(
-                [raws[i] for i in tr],
-                [raws[i] for i in ho],
-                enc.embed_array,
-                cfg,
-                POSE_SETS[poses_name],
-                seed=seed + 1,
-                positives=slice(bm.PARTIAL_VALIDATION, None),
-                progress=lambda m: click.echo(m, err=True),
-            )
+            variants = [(f"{name}+poses", poses_name, False)]
+            if verify_poses is not None:
+                variants.append((f"{name}+verify:{verify_poses}", verify_poses, True))
+            for label, poses_of, verify in variants:
+                result["partial_copy"][label] = bm.partial_copy_family(
+                    [raws[i] for i in tr],
+                    [raws[i] for i in ho],
+                    enc.embed_array,
+                    cfg,
+                    POSE_SETS[poses_of],
+                    seed=seed + 1,
+                    positives=slice(bm.PARTIAL_VALIDATION, None),
+                    progress=lambda m: click.echo(m, err=True),
+                    verify=verify,
+                )
     table = bm.markdown_methods(result) + "\n" + bm.markdown_table(result)
     if partial_copy:
         table += bm.markdown_partial(result)

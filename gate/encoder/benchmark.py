@@ -430,6 +430,103 @@ class PearsonScorer(Scorer):
         ).astype(np.float64)
 
 
+class VerifiedScorer(Scorer):
+    """Retrieve, then verify, as ``gate check`` does on a verifying index (:mod:`gate.verify`).
+
+    Training volumes are embedded under ``poses``; a candidate's top-``k`` patients by exact
+    cosine are verified by :class:`gate.verify.Verifier` (the product's own code). The score is
+    the decision's rule made one number: each of the two scores (nearest cosine, best verified
+    NCC) is turned into its rank among the training patients' own leave-one-patient-out
+    scores (as the index calibrates), and the candidate scores the higher rank, so a threshold
+    on it flags what either score flags at that percentile. ``mode="verified"`` scores the
+    verified NCC alone.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        embed: Callable[[np.ndarray], np.ndarray],
+        poses: PoseSet,
+        raws: list[Volume],
+        config: PreprocessConfig,
+        mode: str = "combined",
+        shared: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in ("combined", "verified"):
+            raise ValueError(f"mode must be combined or verified; got {mode!r}")
+        self.name, self._embed, self._poses, self._raws, self._config = name, embed, poses, raws, config
+        self._mode = mode
+        # the two modes of one encoder and pose set may share their work (fit and scores)
+        self._shared: dict[str, Any] = shared if shared is not None else {}
+
+    def fit(self, train: np.ndarray) -> None:  # noqa: D102
+        from gate.verify import MAX_SHIFT_VOX, Verifier, View, grid_with_mask, stored_grid
+
+        if "fit" in self._shared:
+            self._fitted = self._shared["fit"]
+            return
+        pids = [f"p-{i:016x}" for i in range(len(self._raws))]
+        views = [grid_with_mask(v, self._config, MAX_SHIFT_VOX) for v in self._raws]
+        inner = (slice(MAX_SHIFT_VOX, -MAX_SHIFT_VOX),) * 3
+        grids = [stored_grid(img[inner], m[inner]) for img, m in views]
+        posed = np.stack([g for v in self._raws for g in posed_grids(v, self._config, self._poses)])[:, None]
+        ref = np.concatenate(
+            [self._embed(np.ascontiguousarray(posed[i : i + 256])) for i in range(0, len(posed), 256)]
+        ).astype(np.float32)
+        self._fitted = {
+            "verifier": Verifier(grids, pids, self._poses, self._config, MAX_SHIFT_VOX),
+            "ref": ref,
+            "row_pids": [p for p in pids for _ in range(len(self._poses))],
+        }
+        cos, ver = [], []
+        for i, (img, m) in enumerate(views):  # leave one patient out, as `gate index build` calibrates
+            c, v = self._pair(ref[i * len(self._poses)], View(img, m), pids[i])
+            cos.append(c)
+            ver.append(v)
+        self._fitted["lopo"] = (np.sort(cos), np.sort(ver))
+        self._shared["fit"] = self._fitted
+
+    def _pair(self, query: np.ndarray, view: Any, exclude: str | None = None) -> tuple[float, float]:
+        from gate.verify import VERIFY_K, exact_grid_search, exact_neighbours, retrieve_and_verify
+
+        f = self._fitted
+        ordinals = [0] * len(self._raws)
+        nb = exact_neighbours(query, f["ref"], f["row_pids"], len(self._poses), ordinals, VERIFY_K, exclude)
+        search = exact_grid_search(self._embed, f["ref"], f["row_pids"], len(self._poses), ordinals, exclude)
+        (out,) = retrieve_and_verify(f["verifier"], [nb], [view], search, VERIFY_K)
+        verified = out.verified
+        return out.nearest_similarity, float(verified.max()) if verified is not None else -1.0
+
+    def score(self, candidates: np.ndarray) -> np.ndarray:  # noqa: D102
+        from gate.digest import sha256_bytes
+        from gate.verify import MAX_SHIFT_VOX, View
+
+        key = sha256_bytes(np.ascontiguousarray(candidates).tobytes())
+        if key not in self._shared:
+            emb = self._embed(candidates).astype(np.float32)
+            pairs = []
+            for i, cand in enumerate(candidates):
+                pad = MAX_SHIFT_VOX
+                view = View(np.pad(cand[0], pad), np.pad(np.ones(cand[0].shape, bool), pad))
+                pairs.append(self._pair(emb[i], view))
+            self._shared[key] = pairs
+        out = np.empty(len(candidates))
+        lopo = self._fitted["lopo"]
+        for i, (cos, ver) in enumerate(self._shared[key]):
+            if self._mode == "verified":
+                out[i] = ver
+                continue
+            ranks = [
+                np.searchsorted(r, x, side="right") / len(r) for r, x in zip(lopo, (cos, ver), strict=True)
+            ]
+            # ties above the calibration's top keep their order: add the raw score as a tie-break
+            out[i] = max(ranks) + 1e-3 * max(cos, ver)
+        return out
+
+    def release(self) -> None:  # noqa: D102
+        self.__dict__.pop("_fitted", None)
+
+
 class DarScorer(EmbeddingScorer):
     """Dar et al.'s rule: Pearson correlation of embeddings with the nearest training embedding.
 
@@ -824,28 +921,22 @@ class ExactPatientSearch:
     so the numbers measure the encoder and the windows, not the index's recall.
     """
 
-    def __init__(self, vectors: np.ndarray, patient_ids: list[str]) -> None:
-        self._vectors = vectors.astype(np.float64)
-        self._pids = np.asarray(patient_ids)
-        self._unique, self._inverse = np.unique(self._pids, return_inverse=True)
+    def __init__(self, vectors: np.ndarray, patient_ids: list[str], n_poses: int = 1) -> None:
+        self._vectors = vectors.astype(np.float32)
+        self._pids = list(patient_ids)
+        self._n_poses = n_poses
+        from gate.verify import volume_ordinals
+
+        self._ordinals = volume_ordinals(self._pids[::n_poses])
 
     def neighbours(self, queries: np.ndarray, k: int) -> list[Any]:
-        """(M, D) unit vectors -> M :class:`gate.values.Neighbours`."""
-        from gate.values import Neighbours
+        """(M, D) unit vectors -> M :class:`gate.values.Neighbours` (with the matched rows)."""
+        from gate.verify import exact_neighbours
 
-        sims = queries.astype(np.float64) @ self._vectors.T
-        per_patient = np.full((len(queries), len(self._unique)), -2.0)
-        np.maximum.at(per_patient, (slice(None), self._inverse), sims)
-        out = []
-        for row in per_patient:
-            order = np.argsort(-row)[:k]
-            out.append(
-                Neighbours(
-                    tuple(str(self._unique[i]) for i in order),
-                    np.clip(row[order], -1.0, 1.0).astype(np.float64),
-                )
-            )
-        return out
+        q = queries.astype(np.float32)
+        return [
+            exact_neighbours(row, self._vectors, self._pids, self._n_poses, self._ordinals, k) for row in q
+        ]
 
 
 class _BenchModel:
@@ -866,7 +957,9 @@ def partial_reference(
     from gate.index import embed_volumes
 
     ref = [p.embedding.vector for p in embed_volumes(train_raw, _BenchModel(embed, cfg), poses)]  # type: ignore[arg-type]
-    return ExactPatientSearch(np.stack(ref), [v.patient_id for v in train_raw for _ in range(len(poses))])
+    return ExactPatientSearch(
+        np.stack(ref), [v.patient_id for v in train_raw for _ in range(len(poses))], len(poses)
+    )
 
 
 def partial_copy_family(
@@ -881,6 +974,7 @@ def partial_copy_family(
     positives: slice = slice(None),
     progress: Callable[[str], None] | None = None,
     reference: ExactPatientSearch | None = None,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Partial copies: training volumes at random positions in a larger field of view, judged by windows.
 
@@ -902,20 +996,30 @@ def partial_copy_family(
             reference); :data:`PARTIAL_VALIDATION` separates tuning from reporting.
         progress: one-line progress callback.
         reference: a prebuilt :func:`partial_reference` (else built here).
+        verify: also verify each candidate's top patients on their best windows
+            (:func:`gate.windows.verify_windows`, as a verifying index does) and report the
+            verified NCC alone (``verified``) and the decision's two-score rule (``combined``:
+            the higher of the two scores' ranks among the negatives).
 
     Returns:
         ``{"fov", "n_positives", "n_negatives", "backgrounds": {bg: metrics + "windows_mean"}}``.
 
     """
+    from gate.verify import MAX_SHIFT_VOX, VERIFY_K, Verifier, grid_with_mask, stored_grid
     from gate.windows import judge_windows
 
     say = progress or (lambda _m: None)
     search = reference or partial_reference(train_raw, embed, cfg, poses)
+    verifier = None
+    if verify:
+        grids = [stored_grid(*grid_with_mask(v, cfg, 0)) for v in train_raw]
+        verifier = Verifier(grids, [v.patient_id for v in train_raw], poses, cfg, MAX_SHIFT_VOX)
+    k = VERIFY_K if verify else 1
 
     def judge(views: list[np.ndarray]) -> list[Any]:
         parts = [embed(np.stack(views[i : i + 64])[:, None]) for i in range(0, len(views), 64)]
         vectors = np.concatenate(parts)
-        return search.neighbours(vectors, 1)
+        return search.neighbours(vectors, k)
 
     placed_train = train_raw[positives]
     result: dict[str, Any] = {
@@ -927,13 +1031,16 @@ def partial_copy_family(
     }
     for b, background in enumerate(backgrounds):
         scores: dict[str, list[float]] = {"pos": [], "neg": []}
+        verified: dict[str, list[float]] = {"pos": [], "neg": []}
         windows: list[int] = []
         hits = 0
         for kind, vols in (("pos", placed_train), ("neg", holdout_raw)):
             for i, vol in enumerate(vols):
                 placed = place(vol, fov, background, seed + 7919 * b + 104729 * (kind == "neg") + i)
-                res = judge_windows(placed, cfg, judge, 1)
+                res = judge_windows(placed, cfg, judge, k, verifier)
                 scores[kind].append(float(res.neighbours.similarities[0]))
+                if res.neighbours.verified is not None:
+                    verified[kind].append(float(res.neighbours.verified.max()))
                 windows.append(res.n_windows)
                 if kind == "pos" and res.neighbours.patient_ids[0] == vol.patient_id:
                     hits += 1
@@ -948,11 +1055,29 @@ def partial_copy_family(
             neg_max=float(neg.max()),
         )
         metrics["scores"] = {"pos": scores["pos"], "neg": scores["neg"]}
+        if verify:
+            vpos, vneg = np.asarray(verified["pos"]), np.asarray(verified["neg"])
+            metrics["verified"] = family_metrics(vpos, vneg, float(np.percentile(vneg, THRESHOLD_PERCENTILE)))
+            metrics["verified"]["scores"] = {"pos": verified["pos"], "neg": verified["neg"]}
+
+            def rank(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+                return np.searchsorted(np.sort(ref), x, side="right") / len(ref)
+
+            cpos = np.maximum(rank(pos, neg), rank(vpos, vneg)) + 1e-3 * np.maximum(pos, vpos)
+            cneg = np.maximum(rank(neg, neg), rank(vneg, vneg)) + 1e-3 * np.maximum(neg, vneg)
+            metrics["combined"] = family_metrics(cpos, cneg, float(np.percentile(cneg, THRESHOLD_PERCENTILE)))
         result["backgrounds"][background] = metrics
         say(
             f"partial copy ({background}): TPR@5% {metrics['tpr_at_fpr_5pct']:.3f}, AUROC "
             f"{metrics['auroc']:.4f}, source nearest {metrics['source_is_nearest']:.3f}, "
             f"{metrics['windows_mean']:.0f} windows per candidate"
+            + (
+                f"; verified TPR@5% {metrics['verified']['tpr_at_fpr_5pct']:.3f} AUROC "
+                f"{metrics['verified']['auroc']:.4f}; combined TPR@5% "
+                f"{metrics['combined']['tpr_at_fpr_5pct']:.3f}"
+                if verify
+                else ""
+            )
         )
     return result
 

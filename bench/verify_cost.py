@@ -1,0 +1,104 @@
+"""Cost of retrieve-then-verify per candidate, one CPU core, against the shipped index.
+
+Stages timed per candidate (wall and CPU seconds, median over the candidates), in one run:
+
+- ``search``: embed the candidate and search the index (what a non-verifying index does);
+- ``views``: the 14 shifted query views embedded and searched (:data:`gate.verify.QUERY_SHIFTS_VOX`);
+- ``verify``: :meth:`gate.verify.Verifier.verify` on the top k = 5 patients;
+- the ratio of the whole verifying path to search alone.
+
+Candidates: near copies of shipped-index training volumes (a 3-voxel field-of-view cut, a 6-degree
+turn, blur sigma 1) and real volumes, so both the easy and the hard path are timed.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/verify_cost.py --n 40 --out docs/results/verify_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main() -> None:
+    """Time the stages and write the JSON."""
+    from gate.cli.options import read_options
+    from gate.embed import Encoder
+    from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
+    from gate.values import Volume, merge_neighbours
+    from gate.verify import VERIFY_K, grid_search, query_views
+    from gate.volume import discover, read_volumes
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/msd_hippocampus/imagesTr"))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    encoder = Encoder(device="cpu", threads=1)
+    index = TrainingIndex.load(DEFAULT_INDEX_DIR, encoder)
+    verifier = index.verifier
+    if verifier is None:
+        raise SystemExit("the shipped index does not verify")
+    opts = read_options(Path("gate/models/demo-pseudonym.key"), None, None, 1 << 27)
+    files = discover([args.data])[: args.n]
+    vols = []
+    for i, f in enumerate(files):
+        (v,) = read_volumes(f, opts)
+        data = v.data
+        if i % 2 == 0:  # a near copy: cut, turned, blurred
+            data = ndimage.gaussian_filter(
+                ndimage.rotate(data[3:], 6.0, axes=(0, 2), reshape=False, order=1), 1.0
+            )
+        vols.append(
+            Volume(np.ascontiguousarray(data, np.float32), v.affine, v.spacing, v.source, v.patient_id)
+        )
+    search = grid_search(encoder, index, VERIFY_K)
+    times: dict[str, list[tuple[float, float]]] = {"search": [], "views": [], "verify": []}
+
+    def clock() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    for vol in vols:
+        t0 = clock()
+        (probe,) = embed_volumes([vol], encoder)
+        (nb,) = index.search_many([probe.embedding], [probe.voxel_sha256], VERIFY_K)
+        t1 = clock()
+        view = verifier.view(vol)
+        merged = merge_neighbours([nb, *search(query_views(view, verifier.config.grid))], VERIFY_K)
+        t2 = clock()
+        verifier.verify(merged, view)
+        t3 = clock()
+        for name, (a, b) in (("search", (t0, t1)), ("views", (t1, t2)), ("verify", (t2, t3))):
+            times[name].append((b[0] - a[0], b[1] - a[1]))
+    med = {
+        k: {
+            "wall_ms": 1e3 * float(np.median([w for w, _ in v])),
+            "cpu_ms": 1e3 * float(np.median([c for _, c in v])),
+        }
+        for k, v in times.items()
+    }
+    total = sum(m["cpu_ms"] for m in med.values())
+    result = {
+        "candidates": len(vols),
+        "k": VERIFY_K,
+        "grid": list(verifier.config.grid),
+        "threads": 1,
+        "stages_median": med,
+        "verifying_over_search_cpu": total / med["search"]["cpu_ms"],
+        "load_average_1min": os.getloadavg()[0],
+        "note": "one run; CPU ms are what one core spends, wall ms include waiting for the CPU",
+    }
+    print(json.dumps(result, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
