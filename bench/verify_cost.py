@@ -3,8 +3,9 @@
 Stages timed per candidate (wall and CPU seconds, median over the candidates), in one run:
 
 - ``search``: embed the candidate and search the index (what a non-verifying index does);
-- ``views``: the 14 shifted query views embedded and searched (:data:`gate.verify.QUERY_SHIFTS_VOX`);
-- ``verify``: :meth:`gate.verify.Verifier.verify` on the top k = 5 patients;
+- ``views``: the grid and its 14 shifted query views embedded and searched for the 20 nearest
+  patients (:data:`gate.verify.QUERY_SHIFTS_VOX`, :data:`gate.verify.VERIFY_K`);
+- ``verify``: :meth:`gate.verify.Verifier.verify` on those 20 patients;
 - the ratio of the whole verifying path to search alone.
 
 Candidates: near copies of shipped-index training volumes (a 3-voxel field-of-view cut, a 6-degree
@@ -33,7 +34,7 @@ def main() -> None:
     from gate.embed import Encoder
     from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
     from gate.values import Volume, merge_neighbours
-    from gate.verify import VERIFY_K, grid_search, query_views
+    from gate.verify import VERIFY_K, centre, grid_search, query_views
     from gate.volume import discover, read_volumes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,7 +60,7 @@ def main() -> None:
         vols.append(
             Volume(np.ascontiguousarray(data, np.float32), v.affine, v.spacing, v.source, v.patient_id)
         )
-    search = grid_search(encoder, index, VERIFY_K)
+    search = grid_search(encoder, index)
     times: dict[str, list[tuple[float, float]]] = {"search": [], "views": [], "verify": []}
 
     def clock() -> tuple[float, float]:
@@ -68,10 +69,11 @@ def main() -> None:
     for vol in vols:
         t0 = clock()
         (probe,) = embed_volumes([vol], encoder)
-        (nb,) = index.search_many([probe.embedding], [probe.voxel_sha256], VERIFY_K)
+        (nb,) = index.search_many([probe.embedding], [probe.voxel_sha256], 5)
         t1 = clock()
         view = verifier.view(vol)
-        merged = merge_neighbours([nb, *search(query_views(view, verifier.config.grid))], VERIFY_K)
+        grids = [centre(view, verifier.config.grid), *query_views(view, verifier.config.grid)]
+        merged = merge_neighbours([nb, *search(grids, VERIFY_K)], VERIFY_K)
         t2 = clock()
         verifier.verify(merged, view)
         t3 = clock()
@@ -87,7 +89,7 @@ def main() -> None:
     total = sum(m["cpu_ms"] for m in med.values())
     result = {
         "candidates": len(vols),
-        "k": VERIFY_K,
+        "verified_patients": VERIFY_K,
         "grid": list(verifier.config.grid),
         "threads": 1,
         "stages_median": med,
