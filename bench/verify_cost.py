@@ -34,7 +34,7 @@ def main() -> None:
     from gate.embed import Encoder
     from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
     from gate.values import Volume, merge_neighbours
-    from gate.verify import VERIFY_K, centre, grid_search, query_views
+    from gate.verify import VERIFY_K, grid_search, query_views, window
     from gate.volume import discover, read_volumes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,7 +72,7 @@ def main() -> None:
         (nb,) = index.search_many([probe.embedding], [probe.voxel_sha256], 5)
         t1 = clock()
         view = verifier.view(vol)
-        grids = [centre(view, verifier.config.grid), *query_views(view, verifier.config.grid)]
+        grids = [window(view, verifier.config.grid), *query_views(view, verifier.config.grid)]
         merged = merge_neighbours([nb, *search(grids, VERIFY_K)], VERIFY_K)
         t2 = clock()
         verifier.verify(merged, view)

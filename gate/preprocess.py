@@ -364,13 +364,30 @@ def preprocess_with_margin(volume: Volume, config: PreprocessConfig, margin: int
     """
     if margin == 0:
         return preprocess(volume, config).data
-    v = preprocess_uncropped(volume, config)
-    padded = np.pad(v.data, margin, mode="constant", constant_values=0.0)
+    return with_margin(preprocess_uncropped(volume, config), config.grid, margin).data
+
+
+def with_margin(volume: Volume, grid: tuple[int, int, int], margin: int) -> Volume:
+    """An uncropped volume zero-padded by ``margin`` and centre-cropped/padded to ``grid + 2 margin``.
+
+    The one definition of a grid with context, for :func:`preprocess_with_margin` and
+    :func:`gate.verify.grid_with_mask` (which applies it to a volume of ones for the mask).
+
+    Args:
+        volume: preprocessed but not yet cropped (:func:`preprocess_uncropped`).
+        grid: the preprocessing grid.
+        margin: voxels added on each side, >= 0.
+
+    Returns:
+        Volume of shape ``grid + 2 margin`` (affine moved by the padding).
+
+    """
+    padded = np.pad(volume.data, margin, mode="constant", constant_values=0.0)
     shift = np.eye(4)
     shift[:3, 3] = -margin
-    wide = tuple(g + 2 * margin for g in config.grid)
-    out = crop_or_pad(Volume(padded, v.affine @ shift, v.spacing, v.source, v.patient_id), wide)  # type: ignore[arg-type]
-    return out.data
+    wide = tuple(g + 2 * margin for g in grid)
+    moved = Volume(padded, volume.affine @ shift, volume.spacing, volume.source, volume.patient_id)
+    return crop_or_pad(moved, wide)  # type: ignore[arg-type]
 
 
 def preprocess_batch(volumes: list[Volume], config: PreprocessConfig, margin: int = 0) -> np.ndarray:

@@ -9,8 +9,8 @@ shifted by a few voxels scores as the copy it is. The verified score of a patien
 over its volumes and over the shifts; the decision grades it beside the cosine
 (:mod:`gate.decide`).
 
-Every correlation is one FFT product (:func:`scipy.fft.rfftn`), so the cost is ~9 FFTs of the
-margin-enlarged grid per training volume verified, whatever the shift range. Pure numpy +
+Every correlation is one FFT product (:func:`scipy.fft.rfftn`), so the cost is 5 FFTs of the
+margin-enlarged grid per training grid tried (:class:`View`), whatever the shift range. Pure numpy +
 scipy: ``gate check`` does not need torch.
 """
 
@@ -26,8 +26,8 @@ from scipy import fft
 
 from gate.calibration import Calibration, CalibrationMethod
 from gate.errors import IntegrityError
-from gate.poses import PoseSet, apply_pose, rotation_matrix
-from gate.preprocess import PreprocessConfig, crop_or_pad, preprocess_uncropped
+from gate.poses import PoseSet, rotation_matrix
+from gate.preprocess import PreprocessConfig, preprocess_uncropped, with_margin
 from gate.values import Neighbours, Volume, merge_neighbours
 
 if TYPE_CHECKING:
@@ -63,24 +63,6 @@ class Aligned:
     overlap: float
 
 
-def valid_region(shape: Sequence[int], grid: Sequence[int], margin: int = 0) -> np.ndarray:
-    """Where a centred crop/pad of a ``shape`` volume onto ``grid`` (+ margin) holds its voxels.
-
-    Args:
-        shape: (X, Y, Z) of the resampled, uncropped volume.
-        grid: the preprocessing grid.
-        margin: extra voxels on every side (:func:`gate.preprocess.preprocess_with_margin`).
-
-    Returns:
-        bool (X', Y', Z') with ``X' = grid[0] + 2 margin``: True on voxels from the volume.
-
-    """
-    ones = np.pad(np.ones(tuple(int(s) for s in shape), dtype=np.float32), margin)
-    wide = tuple(int(g) + 2 * margin for g in grid)
-    vol = Volume(ones, np.eye(4), (1.0, 1.0, 1.0), "mask", "mask")
-    return crop_or_pad(vol, wide).data > 0.5  # type: ignore[arg-type]
-
-
 def grid_with_mask(
     volume: Volume, config: PreprocessConfig, margin: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -93,14 +75,14 @@ def grid_with_mask(
 
     Returns:
         float32 (X + 2m, Y + 2m, Z + 2m) in [0, 1] (the centre window equals
-        :func:`gate.preprocess.preprocess`) and its bool validity mask.
+        :func:`gate.preprocess.preprocess`) and its bool validity mask (True on voxels from the
+        volume, the same crop/pad applied to ones).
 
     """
     v = preprocess_uncropped(volume, config)
-    padded = np.pad(v.data, margin, mode="constant", constant_values=0.0)
-    wide = tuple(g + 2 * margin for g in config.grid)
-    out = crop_or_pad(Volume(padded, np.eye(4), v.spacing, v.source, v.patient_id), wide)  # type: ignore[arg-type]
-    return out.data, valid_region(v.data.shape, config.grid, margin)
+    ones = Volume(np.ones(v.data.shape, np.float32), v.affine, v.spacing, v.source, v.patient_id)
+    data = with_margin(v, config.grid, margin).data
+    return data, with_margin(ones, config.grid, margin).data > 0.5
 
 
 def trim_empty_planes(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -430,26 +412,22 @@ class Verifier:
         """The candidate ``volume`` with :attr:`max_shift` voxels of its own context."""
         return View(*grid_with_mask(volume, self.config, self.max_shift))
 
-    def template(self, patient_id: str, volume: int, pose: int) -> tuple[np.ndarray, np.ndarray]:
-        """A patient's training grid and mask under the on-grid part of a pose.
+    def template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
+        """A patient's stored training grid (float32, padding 0) and its validity mask.
 
         Raises:
-            IntegrityError: the patient, its volume or the pose is not in this index.
+            IntegrityError: the patient or its volume is not in this index.
 
         """
         vols = self._volumes.get(patient_id)
-        if vols is None or not 0 <= volume < len(vols) or not 0 <= pose < len(self.poses):
+        if vols is None or not 0 <= volume < len(vols):
             raise IntegrityError(
-                f"verification: patient {patient_id} volume {volume} pose {pose} is not in the index; "
+                f"verification: patient {patient_id} volume {volume} is not in the index; "
                 "the search and the verification disagree about the index; rebuild it"
             )
         stored = self._grids[vols[volume]]
         mask = np.isfinite(stored)
-        grid = np.where(mask, stored, 0).astype(np.float32)
-        p = self.poses.poses[pose]
-        if p.on_grid_identity:
-            return grid, mask
-        return apply_pose(grid, p), apply_pose(mask.astype(np.float32), p) > 0.5
+        return np.where(mask, stored, 0).astype(np.float32), mask
 
     def verify(self, neighbours: Neighbours, view: View) -> Neighbours:
         """``neighbours`` with the verified score of each of its patients filled in.
@@ -471,11 +449,15 @@ class Verifier:
         for i, (pid, (volume, pose)) in enumerate(
             zip(neighbours.patient_ids, neighbours.matched, strict=True)
         ):
-            p = self.poses.poses[pose] if 0 <= pose < len(self.poses) else None
+            if not 0 <= pose < len(self.poses):
+                raise IntegrityError(
+                    f"verification: pose {pose} of patient {pid} is not in the index's pose set; rebuild it"
+                )
+            p = self.poses.poses[pose]
             trials = [(False, (0.0, 0.0, 0.0))]
-            if p is not None and not p.on_grid_identity:
+            if not p.on_grid_identity:
                 trials.append((p.flip, p.rotate_deg))
-            if p is not None and not p.flip:
+            if not p.flip:
                 trials.append((True, (0.0, 0.0, 0.0)))  # a mirrored copy the encoder did not tell apart
             grid_c, mask_c = self._coarse_template(pid, volume)
             best: tuple[Aligned, bool, tuple[float, float, float]] | None = None
@@ -491,21 +473,13 @@ class Verifier:
             pid = neighbours.patient_ids[i]
             grid_c, mask_c = self._coarse_template(pid, volume)
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
-            grid, mask = self.template(pid, volume, 0)
+            grid, mask = self.template(pid, volume)
             scores[i] = view.align(*_turned(grid, mask, flip, turn)).ncc
         return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
 
     def _coarse_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
-        grid, mask = self.template(patient_id, volume, 0)
+        grid, mask = self.template(patient_id, volume)
         return _half(grid * mask), _half(mask.astype(np.float32)) >= 0.5
-
-    def _posed(
-        self, patient_id: str, volume: int, pose: int, flip: bool, angles: Sequence[float]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        grid, mask = self.template(patient_id, volume, 0)
-        if not flip and not any(angles):
-            return grid, mask
-        return _turned(grid, mask, flip, angles)
 
 
 def volume_ordinals(patient_ids: Sequence[str]) -> list[int]:
@@ -576,15 +550,19 @@ Search = Callable[[list[np.ndarray], int], list[Neighbours]]
 the given number of patients each."""
 
 
+def window(view: View, grid: Sequence[int], shift: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """The grid-sized window of ``view`` moved by ``shift`` from its centre (outside the mask: 0).
+
+    ``shift`` (0, 0, 0) is the candidate's own grid.
+    """
+    margin = [(v - int(g)) // 2 for v, g in zip(view.shape, grid, strict=True)]
+    sl = tuple(slice(m + s, m + s + int(g)) for m, s, g in zip(margin, shift, grid, strict=True))
+    return np.ascontiguousarray(np.where(view.mask[sl], view.image[sl], 0.0), dtype=np.float32)
+
+
 def query_views(view: View, grid: Sequence[int]) -> list[np.ndarray]:
     """The candidate's grid windows moved by :data:`QUERY_SHIFTS_VOX` within its view's margin."""
-    margin = [(v - int(g)) // 2 for v, g in zip(view.shape, grid, strict=True)]
-    out = []
-    for shift in QUERY_SHIFTS_VOX:
-        lo = [m + s for m, s in zip(margin, shift, strict=True)]
-        sl = tuple(slice(a, a + int(g)) for a, g in zip(lo, grid, strict=True))
-        out.append(np.ascontiguousarray(np.where(view.mask[sl], view.image[sl], 0.0), dtype=np.float32))
-    return out
+    return [window(view, grid, shift) for shift in QUERY_SHIFTS_VOX]
 
 
 def retrieve_and_verify(
@@ -622,7 +600,7 @@ def retrieve_and_verify(
     found: list[Neighbours] = []
     for start in range(0, len(views), QUERY_BATCH):
         grids = [
-            g for v in views[start : start + QUERY_BATCH] for g in (centre(v, grid), *query_views(v, grid))
+            g for v in views[start : start + QUERY_BATCH] for g in (window(v, grid), *query_views(v, grid))
         ]
         found.extend(search(grids, depth))
     out = []
@@ -630,13 +608,6 @@ def retrieve_and_verify(
         merged = merge_neighbours([nb, *found[i * n : (i + 1) * n]], depth)
         out.append(reported(verifier.verify(merged, view), k))
     return out
-
-
-def centre(view: View, grid: Sequence[int]) -> np.ndarray:
-    """The view without its margin: the candidate's grid."""
-    margin = [(v - int(g)) // 2 for v, g in zip(view.shape, grid, strict=True)]
-    sl = tuple(slice(m, m + int(g)) for m, g in zip(margin, grid, strict=True))
-    return np.ascontiguousarray(np.where(view.mask[sl], view.image[sl], 0.0), dtype=np.float32)
 
 
 def reported(nb: Neighbours, k: int) -> Neighbours:
