@@ -23,7 +23,7 @@ from gate.encoder.augment import (
 from gate.encoder.export import export_encoder
 from gate.encoder.model import EncoderSpec, build_encoder
 from gate.encoder.ssim import ssim3d, ssim_matrix
-from gate.encoder.train import TrainConfig, load_checkpoint, nt_xent, ssim_regression, train
+from gate.encoder.train import TrainConfig, load_checkpoint, nt_xent, ssim_regression, train, training_views
 from gate.errors import IntegrityError, UsageError
 from gate.preprocess import PreprocessConfig
 
@@ -159,12 +159,13 @@ def test_augment_ranges_and_reproducibility() -> None:
 def test_augment_config_defaults_are_documented_ranges() -> None:
     cfg = AugmentConfig()
     assert (cfg.rotate_deg, cfg.translate_vox, cfg.elastic_vox, cfg.blur_sigma, cfg.noise_std) == (
-        10.0,
+        15.0,
         3.0,
         1.5,
-        1.0,
+        1.5,
         0.05,
     )
+    assert cfg.clean_pair_prob == 0.5 and cfg.window_shift_vox == 0
     assert cfg.gamma == (0.7, 1.5) and cfg.contrast == (0.75, 1.25) and cfg.bias == 0.3
 
 
@@ -254,6 +255,26 @@ def test_training_resumes_exactly(tmp_path: Path, objective: str) -> None:
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=k)
     assert full.history[-1]["holdout"] is not None and np.isfinite(full.history[-1]["loss"])
+
+
+def test_clean_pairs_put_the_stored_grid_beside_an_augmented_view() -> None:
+    x = _blobs(64, margin=2)
+    aug = AugmentConfig(window_shift_vox=2, clean_pair_prob=0.5)
+    v1, v2 = training_views(x, aug, torch.Generator().manual_seed(0))
+    grid = centre_window(x, 2)
+    clean = (v1 - grid).abs().amax(dim=(1, 2, 3, 4)) == 0
+    assert 16 <= int(clean.sum()) <= 48  # ~half of the first views are the grid, bit for bit
+    assert float((v2 - grid).abs().amax(dim=(1, 2, 3, 4)).min()) > 0.01  # second views never
+    always, _ = training_views(
+        x, aug.model_copy(update={"clean_pair_prob": 1.0}), torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(always, grid)
+    # p = 0 draws no extra random numbers: the views of existing recipes are unchanged
+    two_views = AugmentConfig(window_shift_vox=2, clean_pair_prob=0.0)
+    a = training_views(x, two_views, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    b1 = augment(random_window(x, 2, gen), two_views, gen)
+    torch.testing.assert_close(a[0], b1)
 
 
 def test_resume_refuses_other_run(tmp_path: Path) -> None:

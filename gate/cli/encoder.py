@@ -131,7 +131,7 @@ def encoder() -> None:
 @click.option(
     "--objective", type=click.Choice(["contrastive", "ssim"]), default="contrastive", show_default=True
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

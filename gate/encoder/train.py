@@ -67,7 +67,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     objective: Objective = "contrastive"
-    epochs: int = Field(default=40, ge=1)
+    epochs: int = Field(default=200, ge=1)
     batch_size: int = Field(default=32, ge=2)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
@@ -176,6 +176,33 @@ def validation_metrics(
         "holdout_sim_p95": hold_p95,
         "margin": copy_p5 - hold_p95,
     }
+
+
+def training_views(
+    x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of one training batch.
+
+    Each view is an augmented random window (:func:`random_window`, :func:`augment`); with
+    ``aug.clean_pair_prob = p`` the first view of each pair is, with probability p, the clean
+    grid itself (:func:`centre_window`), the volume exactly as the index stores it.
+
+    Args:
+        x: (B, 1, X + 2m, Y + 2m, Z + 2m) training grids with the window-shift margin m.
+        aug: augmentation ranges and the clean-pair probability.
+        gen: seeded generator on ``x.device`` (no extra draws when p = 0).
+
+    Returns:
+        Two (B, 1, X, Y, Z) batches, row i of each a positive pair.
+
+    """
+    margin = aug.window_shift_vox
+    v1 = augment(random_window(x, margin, gen), aug, gen)
+    v2 = augment(random_window(x, margin, gen), aug, gen)
+    if aug.clean_pair_prob > 0:
+        clean = torch.rand(len(x), generator=gen, device=x.device) < aug.clean_pair_prob
+        v1 = torch.where(clean.view(-1, 1, 1, 1, 1), centre_window(x, margin), v1)
+    return v1, v2
 
 
 def _embed(model: Encoder3D, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
@@ -372,9 +399,7 @@ def train(
                 continue
             for group in opt.param_groups:
                 group["lr"] = _lr_at(config, epoch * steps_per_epoch + s, total)
-            xb = x_all[idx]
-            v1 = augment(random_window(xb, margin, gen), config.augment, gen)
-            v2 = augment(random_window(xb, margin, gen), config.augment, gen)
+            v1, v2 = training_views(x_all[idx], config.augment, gen)
             z = model(torch.cat([v1, v2]))
             if config.objective == "contrastive":
                 loss = nt_xent(z[: len(idx)], z[len(idx) :])
