@@ -52,29 +52,39 @@ WIDE: tuple[tuple[str, float], ...] = (
 """The wide levels the issue's targets name, beside every family's default."""
 
 
-def _metrics(
-    pos: np.ndarray, novel: np.ndarray, pos_idx: np.ndarray, nov_idx: np.ndarray, thr: float
-) -> dict[str, float]:
-    from gate.encoder import benchmark as bm
+class Data:
+    """The 261 training volumes, read and preprocessed once for both parts.
 
-    return bm.family_metrics(pos[pos_idx], novel[nov_idx], thr)
+    Attributes:
+        stems: file names without extension, in ``discover`` order.
+        raws: the raw volumes.
+        grids: (N, 1, X, Y, Z) preprocessed grids (default :class:`PreprocessConfig`).
+        config: that preprocessing.
+        options: the read options (shipped demo pseudonym key).
+
+    """
+
+    def __init__(self) -> None:
+        from gate.cli.options import read_options
+        from gate.preprocess import PreprocessConfig, preprocess_batch
+        from gate.volume import discover, read_volumes
+
+        files = discover([DATA])
+        self.options = read_options(None, None, None, 10**9)
+        self.config = PreprocessConfig()
+        self.stems = [p.name.split(".")[0] for p in files]
+        self.raws = [v for p in files for v in read_volumes(p, self.options)]
+        self.grids = preprocess_batch(self.raws, self.config)
 
 
-def detection(encoders: dict[str, Path], seed: int, say: Any) -> dict[str, Any]:
+def detection(data: Data, encoders: dict[str, Path], seed: int, say: Any) -> dict[str, Any]:
     """Score every recipe on every family; validation and test readings."""
-    from gate.cli.options import read_options
     from gate.embed import Encoder
     from gate.encoder import benchmark as bm
     from gate.poses import POSE_SETS
-    from gate.preprocess import PreprocessConfig, preprocess_batch
-    from gate.volume import discover, read_volumes
 
-    files = discover([DATA])
-    tr, ho = bm.split(len(files), 0.2, 0)
-    opts = read_options(None, None, None, 10**9)
-    cfg = PreprocessConfig()
-    raws = [v for p in files for v in read_volumes(p, opts)]
-    grids = preprocess_batch(raws, cfg)
+    tr, ho = bm.split(len(data.raws), 0.2, 0)
+    cfg, raws, grids = data.config, data.raws, data.grids
     train_raws = [raws[i] for i in tr]
     g_tr, g_ho = grids[tr], grids[ho]
     n = len(tr)
@@ -106,18 +116,16 @@ def detection(encoders: dict[str, Path], seed: int, say: Any) -> dict[str, Any]:
             sc.fit(g_tr)
             novel = sc.score(g_ho)
             thr_val = bm.validation_threshold(novel, nov_val)
-            fams: dict[str, Any] = {}
-            for key, cand in sets.items():
-                pos = sc.score(cand)
-                fams[key] = {
-                    "validation": _metrics(pos, novel, pos_val, nov_val, thr_val),
-                    "test": _metrics(pos, novel, pos_test, nov_test, thr_val),
+            pos = {key: sc.score(cand) for key, cand in sets.items()}
+            fams = {
+                key: {
+                    "validation": bm.family_metrics(p[pos_val], novel[nov_val], thr_val),
+                    "test": bm.family_metrics(p[pos_test], novel[nov_test], thr_val),
                 }
-                fams[key]["scores"] = pos.tolist()
-            pooled_val = np.concatenate([np.asarray(fams[k]["scores"])[pos_val] for k in defaults])
-            pooled_test = np.concatenate([np.asarray(fams[k]["scores"])[pos_test] for k in defaults])
-            for fam in fams.values():
-                del fam["scores"]
+                for key, p in pos.items()
+            }
+            pooled_val = np.concatenate([pos[k][pos_val] for k in defaults])
+            pooled_test = np.concatenate([pos[k][pos_test] for k in defaults])
             out[sc.name] = {
                 "encoder": str(path),
                 "threshold_validation": thr_val,
@@ -148,15 +156,14 @@ def detection(encoders: dict[str, Path], seed: int, say: Any) -> dict[str, Any]:
     }
 
 
-def ldm(encoders: dict[str, Path], samples: Path, labels_path: Path, say: Any) -> dict[str, Any]:
+def ldm(data: Data, encoders: dict[str, Path], samples: Path, labels_path: Path, say: Any) -> dict[str, Any]:
     """The recipes on real LDM copies: retrieval of the reference's patient and cosine vs NCC."""
-    from gate.cli.options import read_options
     from gate.embed import Encoder
     from gate.encoder import benchmark as bm
     from gate.poses import POSE_SETS
-    from gate.preprocess import PreprocessConfig, preprocess_batch
-    from gate.verify import VERIFY_K, exact_grid_search, exact_neighbours, retrieve_and_verify
-    from gate.volume import discover, read_volumes
+    from gate.preprocess import preprocess_batch
+    from gate.verify import VERIFY_K
+    from gate.volume import read_volumes
 
     labels = json.loads(labels_path.read_text())
     rows = labels["samples"]
@@ -164,40 +171,33 @@ def ldm(encoders: dict[str, Path], samples: Path, labels_path: Path, say: Any) -
     from ldm_copies import thresholds_from  # the reference's own thresholds
 
     thr = thresholds_from(labels)
-    opts = read_options(None, None, None, 10**9)
-    cfg = PreprocessConfig()
-    files = discover([DATA])
-    raws = [v for p in files for v in read_volumes(p, opts)]
-    stems = [p.name.split(".")[0] for p in files]
-    sample_grids = preprocess_batch([v for r in rows for v in read_volumes(samples / r["sample"], opts)], cfg)
+    sample_grids = preprocess_batch(
+        [v for r in rows for v in read_volumes(samples / r["sample"], data.options)], data.config
+    )
     ref_ncc = np.asarray([r["aligned_ncc"] for r in rows])
     closer = ref_ncc > thr["similar"]
     mem = np.asarray([r["generator"] == "mem" for r in rows])
-    ref_stem = [r["nearest_file"].split(".")[0] for r in rows]
+    ref_index = [data.stems.index(r["nearest_file"].split(".")[0]) for r in rows]
+    n_poses = len(POSE_SETS["compact"])
     out: dict[str, Any] = {"reference_thresholds": thr, "n": len(rows), "n_closer": int(closer.sum())}
     for name, path in encoders.items():
         t0 = time.perf_counter()
         enc = Encoder(path, device="cpu")
-        sc = bm.VerifiedScorer(f"{name}+verify", enc.embed_array, POSE_SETS["compact"], raws, cfg)
-        sc.fit(preprocess_batch(raws, cfg))
-        f = sc._fitted
-        n_poses = len(POSE_SETS["compact"])
-        pid_of = {f"p-{i:016x}": stems[i] for i in range(len(stems))}
+        sc = bm.VerifiedScorer(
+            f"{name}+verify", enc.embed_array, POSE_SETS["compact"], data.raws, data.config
+        )
+        sc.fit(data.grids)
+        ref = sc._fitted["ref"]  # the scorer's indexed rows, to read ranks as well as scores
+        pid_index = {f"p-{i:016x}": i for i in range(len(data.raws))}  # the scorer's patient ids
         emb = enc.embed_array(sample_grids).astype(np.float32)
         ranks, best_cos, src_cos, verified = [], [], [], []
-        from gate.verify import MAX_SHIFT_VOX, View
-
         for i, g in enumerate(sample_grids):
-            cos = (f["ref"] @ emb[i]).reshape(len(raws), n_poses).max(1)
-            order = [stems[j] for j in np.argsort(-cos)]
-            ranks.append(order.index(ref_stem[i]) + 1)
+            cos = (ref @ emb[i]).reshape(len(data.raws), n_poses).max(1)
+            ranks.append(int(np.sum(cos > cos[ref_index[i]])) + 1)
             best_cos.append(float(cos.max()))
-            src_cos.append(float(cos[stems.index(ref_stem[i])]))
-            nb = exact_neighbours(emb[i], f["ref"], f["row_pids"], n_poses, [0] * len(raws), VERIFY_K)
-            search = exact_grid_search(enc.embed_array, f["ref"], f["row_pids"], n_poses, [0] * len(raws))
-            view = View(np.pad(g[0], MAX_SHIFT_VOX), np.pad(np.ones(g[0].shape, bool), MAX_SHIFT_VOX))
-            (res,) = retrieve_and_verify(f["verifier"], [nb], [view], search, VERIFY_K)
-            found = res.verified_patient_id is not None and pid_of[res.verified_patient_id] == ref_stem[i]
+            src_cos.append(float(cos[ref_index[i]]))
+            res = sc.judge(emb[i], sc.candidate_view(g[0]))
+            found = res.verified_patient_id is not None and pid_index[res.verified_patient_id] == ref_index[i]
             verified.append((float(res.verified.max()) if res.verified is not None else -1.0, found))
         ranks_a, best_a = np.asarray(ranks), np.asarray(best_cos)
         sel = closer & mem
@@ -242,10 +242,11 @@ def main() -> None:
         print(time.strftime("%H:%M:%S"), m, flush=True)
 
     result: dict[str, Any] = {"encoders": {k: str(v) for k, v in encoders.items()}}
+    data = Data()
     if not args.no_detection:
-        result["detection"] = detection(encoders, args.seed, say)
+        result["detection"] = detection(data, encoders, args.seed, say)
     if args.ldm:
-        result["ldm"] = ldm(encoders, args.samples, args.labels, say)
+        result["ldm"] = ldm(data, encoders, args.samples, args.labels, say)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     say(f"wrote {args.out}")

@@ -486,7 +486,18 @@ class VerifiedScorer(Scorer):
         self._fitted["lopo"] = (np.sort(cos), np.sort(ver))
         self._shared["fit"] = self._fitted
 
-    def _pair(self, query: np.ndarray, view: Any, exclude: str | None = None) -> tuple[float, float]:
+    def judge(self, query: np.ndarray, view: Any, exclude: str | None = None) -> Any:
+        """One candidate through retrieve-then-verify against the fitted training set.
+
+        Args:
+            query: (D,) the candidate's embedding.
+            view: its :class:`gate.verify.View` (see :meth:`candidate_view`).
+            exclude: a patient id left out (leave-one-patient-out calibration).
+
+        Returns:
+            The :class:`gate.values.Neighbours` the product would report.
+
+        """
         from gate.verify import VERIFY_K, exact_grid_search, exact_neighbours, retrieve_and_verify
 
         f = self._fitted
@@ -494,22 +505,30 @@ class VerifiedScorer(Scorer):
         nb = exact_neighbours(query, f["ref"], f["row_pids"], len(self._poses), ordinals, VERIFY_K, exclude)
         search = exact_grid_search(self._embed, f["ref"], f["row_pids"], len(self._poses), ordinals, exclude)
         (out,) = retrieve_and_verify(f["verifier"], [nb], [view], search, VERIFY_K)
+        return out
+
+    @staticmethod
+    def candidate_view(grid: np.ndarray) -> Any:
+        """A preprocessed (X, Y, Z) candidate grid as a verification view: no context beyond it."""
+        from gate.verify import MAX_SHIFT_VOX, View
+
+        pad = MAX_SHIFT_VOX
+        return View(np.pad(grid, pad), np.pad(np.ones(grid.shape, bool), pad))
+
+    def _pair(self, query: np.ndarray, view: Any, exclude: str | None = None) -> tuple[float, float]:
+        out = self.judge(query, view, exclude)
         verified = out.verified
         return out.nearest_similarity, float(verified.max()) if verified is not None else -1.0
 
     def score(self, candidates: np.ndarray) -> np.ndarray:  # noqa: D102
         from gate.digest import sha256_bytes
-        from gate.verify import MAX_SHIFT_VOX, View
 
         key = sha256_bytes(np.ascontiguousarray(candidates).tobytes())
         if key not in self._shared:
             emb = self._embed(candidates).astype(np.float32)
-            pairs = []
-            for i, cand in enumerate(candidates):
-                pad = MAX_SHIFT_VOX
-                view = View(np.pad(cand[0], pad), np.pad(np.ones(cand[0].shape, bool), pad))
-                pairs.append(self._pair(emb[i], view))
-            self._shared[key] = pairs
+            self._shared[key] = [
+                self._pair(emb[i], self.candidate_view(c[0])) for i, c in enumerate(candidates)
+            ]
         out = np.empty(len(candidates))
         lopo = self._fitted["lopo"]
         for i, (cos, ver) in enumerate(self._shared[key]):
