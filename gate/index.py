@@ -482,6 +482,10 @@ class TrainingIndex:
         self._n_poses = n_poses
         self._ordinals = volume_ordinals([r.patient_id for r in manifest.rows])
         self._voxel_hashes = frozenset(r.voxel_sha256 for r in manifest.rows)
+        rows_of: dict[str, list[int]] = {}
+        for row, pid in enumerate(self._patient_ids):
+            rows_of.setdefault(pid, []).append(row)
+        self._rows_of = {pid: np.asarray(rows, dtype=np.int64) for pid, rows in rows_of.items()}
 
     @property
     def calibration(self) -> Calibration:
@@ -567,9 +571,25 @@ class TrainingIndex:
         return cls(manifest, graph, vectors, grids)
 
     def search_many(
-        self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K
+        self,
+        embeddings: Sequence[Embedding],
+        voxel_sha256s: Sequence[str | None],
+        k: int = DEFAULT_K,
+        include: Sequence[Sequence[str]] | None = None,
     ) -> list[Neighbours]:
-        """Nearest training patients of several candidates (see :meth:`search`)."""
+        """Nearest training patients of several candidates (see :meth:`search`).
+
+        Args:
+            embeddings: the candidates' embeddings, from this index's encoder.
+            voxel_sha256s: per candidate, the hash of its preprocessed grid (or None).
+            k: distinct patients per candidate, by cosine.
+            include: per candidate, patients answered after the ``k`` with their exact cosine
+                (max over their rows) whatever their rank, when this index holds them (the
+                verification's voxel channel, :meth:`gate.verify.Verifier.voxel_patients`).
+
+        """
+        if include is not None and len(include) != len(embeddings):
+            raise IntegrityError(f"{len(include)} include lists for {len(embeddings)} candidates")
         if not embeddings:
             return []
         for emb in embeddings:
@@ -585,7 +605,7 @@ class TrainingIndex:
         queries = np.stack([e.vector for e in embeddings]).astype(np.float32)
         labels, sims = _top_rows(self._graph, self.vectors, queries, self.manifest.candidates)
         out = []
-        for row_labels, row_sims, voxel in zip(labels, sims, voxel_sha256s, strict=True):
+        for i, (row_labels, row_sims, voxel) in enumerate(zip(labels, sims, voxel_sha256s, strict=True)):
             best: dict[str, float] = {}
             match: dict[str, tuple[int, int]] = {}
             for label, sim in zip(row_labels.tolist(), row_sims.tolist(), strict=True):
@@ -595,6 +615,18 @@ class TrainingIndex:
                     volume, pose = divmod(label, self._n_poses)
                     match[pid] = (self._ordinals[volume], pose)
             ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:k]
+            kept = {pid for pid, _ in ranked}
+            for pid in include[i] if include is not None else ():
+                rows = self._rows_of.get(pid)
+                if rows is None or pid in kept:
+                    continue
+                exact = self.vectors[rows].astype(np.float64) @ queries[i].astype(np.float64)
+                label = int(rows[int(np.argmax(exact))])
+                volume, pose = divmod(label, self._n_poses)
+                match[pid] = (self._ordinals[volume], pose)
+                ranked.append((pid, min(max(float(exact.max()), -1.0), 1.0)))
+                kept.add(pid)
+            ranked.sort(key=lambda kv: kv[1], reverse=True)
             out.append(
                 Neighbours(
                     patient_ids=tuple(pid for pid, _ in ranked),

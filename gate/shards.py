@@ -456,11 +456,19 @@ class ShardedIndex:
         return self._verifier
 
     def search_many(
-        self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K
+        self,
+        embeddings: Sequence[Embedding],
+        voxel_sha256s: Sequence[str | None],
+        k: int = DEFAULT_K,
+        include: Sequence[Sequence[str]] | None = None,
     ) -> list[Neighbours]:
-        """Fan out to every shard, merge the top ``k`` patients per candidate."""
-        per_shard = [s.search_many(embeddings, voxel_sha256s, k) for s in self.shards]
-        return [merge_neighbours(parts, k) for parts in zip(*per_shard, strict=True)]
+        """Fan out to every shard, merge the top ``k`` patients (and ``include``'s) per candidate."""
+        per_shard = [s.search_many(embeddings, voxel_sha256s, k, include) for s in self.shards]
+        keep = include if include is not None else [()] * len(embeddings)
+        return [
+            merge_neighbours(parts, k, kept)
+            for parts, kept in zip(zip(*per_shard, strict=True), keep, strict=True)
+        ]
 
     def search(self, embedding: Embedding, voxel_sha256: str | None = None, k: int = DEFAULT_K) -> Neighbours:
         """Nearest training patients of one candidate (see :meth:`TrainingIndex.search`)."""
@@ -485,7 +493,11 @@ class Searcher(Protocol):
     def verifier(self) -> Verifier | None: ...  # noqa: D102
 
     def search_many(  # noqa: D102
-        self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K
+        self,
+        embeddings: Sequence[Embedding],
+        voxel_sha256s: Sequence[str | None],
+        k: int = DEFAULT_K,
+        include: Sequence[Sequence[str]] | None = None,
     ) -> list[Neighbours]: ...
 
 

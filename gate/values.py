@@ -166,11 +166,18 @@ class Neighbours:
         return float(self.similarities[0])
 
 
-def merge_neighbours(parts: Sequence[Neighbours], k: int) -> Neighbours:
+def merge_neighbours(parts: Sequence[Neighbours], k: int, keep: Sequence[str] = ()) -> Neighbours:
     """Patient-level maximum over several answers for one candidate, top ``k`` patients.
 
     The one merge of gate: over index shards (patients disjoint, so each maximum is exact) and
     over the windows of one candidate (:mod:`gate.windows`; a patient may answer several).
+
+    Args:
+        parts: the answers.
+        k: patients kept by cosine.
+        keep: patients kept after those ``k`` whatever their cosine, when some part holds them
+            (the voxel channel's patients, :meth:`gate.verify.Verifier.voxel_patients`).
+
     """
     best: dict[str, float] = {}
     matched: dict[str, tuple[int, int]] = {}
@@ -183,7 +190,9 @@ def merge_neighbours(parts: Sequence[Neighbours], k: int) -> Neighbours:
                     matched[pid] = n.matched[i]
             if n.verified is not None:
                 verified[pid] = max(verified.get(pid, -1.0), float(n.verified[i]))
-    ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:k]
+    ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)
+    top = {pid for pid, _ in ranked[:k]} | {pid for pid in keep if pid in best}
+    ranked = [(pid, sim) for pid, sim in ranked if pid in top]
     ids = tuple(pid for pid, _ in ranked)
     all_verified = all(n.verified is not None for n in parts)
     return Neighbours(

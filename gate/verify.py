@@ -9,6 +9,11 @@ shifted by a few voxels scores as the copy it is. The verified score of a patien
 over its volumes and over the shifts; the decision grades it beside the cosine
 (:mod:`gate.decide`).
 
+Two channels retrieve the patients verified: the encoder (the index's nearest by cosine, over the
+candidate and its shifted views) and a voxel channel that learns nothing (the correlation of 4x4x4
+block means with every stored grid, :meth:`Verifier.voxel_patients`), so a copy the encoder was
+not trained to see (a generator's smoothing and contrast drift) still has its source verified.
+
 Every correlation is one FFT product (:func:`scipy.fft.rfftn`), so the cost is 5 FFTs of the
 margin-enlarged grid per training grid tried (:class:`View`), whatever the shift range. Pure numpy +
 scipy: ``gate check`` does not need torch.
@@ -235,10 +240,19 @@ alone (runs/verify, msd_hippocampus), inside the range of real other patients.""
 ROTATION_ROUNDS = 2
 """Descent moves per step size."""
 
-REFINE_PATIENTS = 1
+REFINE_NEAREST = 2
+"""Patients nearest by cosine (the encoder's first) refined as well, when the half-resolution NCC
+did not already pick them. A copy turned 9-12 degrees about a random axis is often not first by
+unturned half-resolution NCC, while the encoder (trained on turns) does rank its source first: of
+the shipped index's 522 simulated copies, 26 verified below 0.80 when only the best by NCC was
+refined (all turned 8-12 degrees; bench/refine_ablation.py, docs/results/refine_ablation.json).
+Refining the top 3 by NCC left 11 of them below 0.80; the top 1 by NCC and the nearest by cosine
+3; the top 2 by NCC and the 2 nearest by cosine 1, at 1.5x the time on those copies (0.24 s
+against 0.16 s, one core, search included); all 25 merged patients none, at 6.3x."""
+
+REFINE_PATIENTS = 2
 """Patients (the best by half-resolution NCC) whose alignment is refined by the rotation search
-and re-scored at full resolution. With 2, the 24 simulated copies of the 12-patient test index
-scored the same (the copied patient ranked first at half resolution every time) at 1.4x the cost."""
+and re-scored at full resolution, beside :data:`REFINE_NEAREST`."""
 
 
 def _half(x: np.ndarray) -> np.ndarray:
@@ -246,6 +260,41 @@ def _half(x: np.ndarray) -> np.ndarray:
     a, b, c = (n // 2 * 2 for n in x.shape)
     y = x[:a, :b, :c].astype(np.float32)
     return y.reshape(a // 2, 2, b // 2, 2, c // 2, 2).mean(axis=(1, 3, 5))
+
+
+VOXEL_FACTOR = 4
+"""Block size (voxels per axis) of the voxel channel's vectors: a 32x48x32 grid becomes 8x12x8 =
+768 block means. Coarse enough that smoothing, lost texture and a voxel or two of shift barely
+move it, fine enough to tell patients apart."""
+
+VOXEL_K = 5
+"""Patients the voxel channel adds to the encoder's retrieval (:meth:`Verifier.voxel_patients`).
+The encoder retrieves by what it learned; a copy a generator blurred can fall outside its top
+:data:`VERIFY_K`: one memorizing-LDM sample (reference NCC 0.840 to its source, closer than any
+two real patients) passed strict at verified 0.768 because its source was not retrieved. Ranked
+by the correlation of block means, the source of every reference "similar" and "duplicate"
+sample of that benchmark was first (runs/lowres_exp.json, docs/ldm_copies.md)."""
+
+
+def voxel_vector(grid: np.ndarray) -> np.ndarray:
+    """A grid's voxel-channel vector: :data:`VOXEL_FACTOR`-block means, centred, unit length.
+
+    Args:
+        grid: float (X, Y, Z) intensities in [0, 1]; NaN (padding of a stored grid) counts as 0.
+
+    Returns:
+        float32 (X/f * Y/f * Z/f,) unit vector (zero for a flat grid): the dot product of two is
+        the Pearson correlation of their block means.
+
+    """
+    f = VOXEL_FACTOR
+    a, b, c = (max(n // f, 1) * f for n in grid.shape)
+    x = np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
+    x = np.pad(x, [(0, max(t - n, 0)) for t, n in zip((a, b, c), x.shape, strict=True)])[:a, :b, :c]
+    y = x.reshape(a // f, f, b // f, f, c // f, f).mean(axis=(1, 3, 5)).ravel().astype(np.float64)
+    y -= y.mean()
+    norm = float(np.linalg.norm(y))
+    return (y / norm if norm > 1e-9 else y).astype(np.float32)
 
 
 def _ncc_at(
@@ -407,6 +456,38 @@ class Verifier:
         self._volumes: dict[str, list[int]] = {}
         for i, pid in enumerate(patient_ids):
             self._volumes.setdefault(pid, []).append(i)
+        self._patient_of = list(patient_ids)
+        self._voxel_vectors = (
+            np.stack([voxel_vector(g) for g in self._grids]) if self._grids else np.zeros((0, 1), np.float32)
+        )
+
+    def voxel_patients(self, view: View, n: int = VOXEL_K) -> tuple[str, ...]:
+        """The voxel channel: the ``n`` patients whose block means correlate best with the candidate's.
+
+        A second retrieval beside the encoder's, that learns nothing: the candidate's grid window
+        and its shifted windows (:data:`QUERY_SHIFTS_VOX`) are reduced to block means
+        (:func:`voxel_vector`) and correlated with every stored training grid's (one matrix
+        product); patient-level max over volumes and windows.
+
+        Args:
+            view: the candidate (:meth:`view`).
+            n: patients returned.
+
+        Returns:
+            Pseudonymous patient ids, best first.
+
+        """
+        grid = self.config.grid
+        q = np.stack([voxel_vector(window(view, grid)), *(voxel_vector(w) for w in query_views(view, grid))])
+        per_volume = (q @ self._voxel_vectors.T).max(axis=0)
+        best: dict[str, float] = {}
+        for vol in np.argsort(-per_volume, kind="stable").tolist():
+            pid = self._patient_of[vol]
+            if pid not in best:
+                best[pid] = float(per_volume[vol])
+                if len(best) == n:
+                    break
+        return tuple(best)
 
     def view(self, volume: Volume) -> View:
         """The candidate ``volume`` with :attr:`max_shift` voxels of its own context."""
@@ -469,7 +550,10 @@ class Verifier:
                 raise IntegrityError("verification tried no alignment")
             scores.append(best[0].ncc)
             found.append((best[0].ncc, i, volume, best[1], best[2], best[0]))
-        for _, i, volume, flip, angles, aligned in sorted(found, key=lambda t: -t[0])[:REFINE_PATIENTS]:
+        refine = sorted(found, key=lambda t: -t[0])[:REFINE_PATIENTS]
+        chosen = {t[1] for t in refine}
+        refine += [t for t in found[:REFINE_NEAREST] if t[1] not in chosen]  # found is in cosine order
+        for _, i, volume, flip, angles, aligned in refine:
             pid = neighbours.patient_ids[i]
             grid_c, mask_c = self._coarse_template(pid, volume)
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
@@ -500,6 +584,7 @@ def exact_neighbours(
     ordinals: Sequence[int],
     k: int,
     exclude: str | None = None,
+    include: Sequence[str] = (),
 ) -> Neighbours:
     """The top-``k`` patients of one query by exact cosine, with the rows that matched.
 
@@ -514,16 +599,19 @@ def exact_neighbours(
         ordinals: per volume, its number among its patient's volumes.
         k: patients returned.
         exclude: a patient left out (leave-one-patient-out).
+        include: patients answered after the ``k`` whatever their rank (not ``exclude``).
 
     """
     sims = vectors @ query
     best: dict[str, tuple[float, int]] = {}
+    wanted = set(include) - {exclude}
     for row in np.argsort(-sims).tolist():
         pid = row_patient_ids[row]
         if pid == exclude or pid in best:
             continue
-        best[pid] = (float(sims[row]), row)
-        if len(best) == k:
+        if len(best) < k or pid in wanted:
+            best[pid] = (float(sims[row]), row)
+        if len(best) >= k and wanted <= best.keys():
             break
     ranked = sorted(best.items(), key=lambda kv: kv[1][0], reverse=True)
     return Neighbours(
@@ -545,9 +633,10 @@ With the 8 compact index poses (no shifts), 16 of 522 simulated copies of the sh
 brought back 3 of them, all 14 brought back 12 (runs/verify, docs/encoder.md). They cost 14
 embeddings and searches per candidate instead of 78 more index rows per training volume."""
 
-Search = Callable[[list[np.ndarray], int], list[Neighbours]]
+Search = Callable[[list[np.ndarray], int, Sequence[Sequence[str]]], list[Neighbours]]
 """Embed and search preprocessed grid-sized views (float32, shape ``config.grid``), in order, for
-the given number of patients each."""
+the given number of patients each, plus per view the named patients with their exact cosine
+(``include`` of :meth:`gate.index.TrainingIndex.search_many`)."""
 
 
 def window(view: View, grid: Sequence[int], shift: Sequence[int] = (0, 0, 0)) -> np.ndarray:
@@ -576,7 +665,9 @@ def retrieve_and_verify(
 
     The candidate's grid (the view's centre) and its shifted views (:data:`QUERY_SHIFTS_VOX`)
     are searched for :data:`VERIFY_K` patients each and merged (patient-level max) with
-    ``neighbours``; every merged patient is verified.
+    ``neighbours``; the voxel channel's :data:`VOXEL_K` patients
+    (:meth:`Verifier.voxel_patients`) are added with their exact cosine; every merged patient
+    is verified.
 
     Args:
         verifier: the index's verifier; None returns ``neighbours`` unchanged.
@@ -597,15 +688,16 @@ def retrieve_and_verify(
     grid = verifier.config.grid
     depth = max(k, VERIFY_K)
     n = len(QUERY_SHIFTS_VOX) + 1
+    voxel = [verifier.voxel_patients(v) for v in views]
     found: list[Neighbours] = []
     for start in range(0, len(views), QUERY_BATCH):
-        grids = [
-            g for v in views[start : start + QUERY_BATCH] for g in (window(v, grid), *query_views(v, grid))
-        ]
-        found.extend(search(grids, depth))
+        part = views[start : start + QUERY_BATCH]
+        grids = [g for v in part for g in (window(v, grid), *query_views(v, grid))]
+        include = [voxel[start + j] for j in range(len(part)) for _ in range(n)]
+        found.extend(search(grids, depth, include))
     out = []
     for i, (nb, view) in enumerate(zip(neighbours, views, strict=True)):
-        merged = merge_neighbours([nb, *found[i * n : (i + 1) * n]], depth)
+        merged = merge_neighbours([nb, *found[i * n : (i + 1) * n]], depth, voxel[i])
         out.append(reported(verifier.verify(merged, view), k))
     return out
 
@@ -647,11 +739,11 @@ def grid_search(encoder: EmbeddingModel, searcher: Any) -> Search:
     """A :data:`Search` over ``searcher.search_many`` with ``encoder``'s embeddings."""
     from gate.index import embed_grids
 
-    def run(grids: list[np.ndarray], k: int) -> list[Neighbours]:
+    def run(grids: list[np.ndarray], k: int, include: Sequence[Sequence[str]]) -> list[Neighbours]:
         if not grids:
             return []
         probes = embed_grids(grids, encoder, ["view"] * len(grids))
-        return searcher.search_many([p.embedding for p in probes], [None] * len(probes), k)
+        return searcher.search_many([p.embedding for p in probes], [None] * len(probes), k, include)
 
     return run
 
@@ -666,11 +758,14 @@ def exact_grid_search(
 ) -> Search:
     """A :data:`Search` by exact cosine over index rows (:func:`exact_neighbours`), for build time."""
 
-    def run(grids: list[np.ndarray], k: int) -> list[Neighbours]:
+    def run(grids: list[np.ndarray], k: int, include: Sequence[Sequence[str]]) -> list[Neighbours]:
         if not grids:
             return []
         emb = embed(np.stack(grids)[:, None].astype(np.float32))
-        return [exact_neighbours(e, vectors, row_patient_ids, n_poses, ordinals, k, exclude) for e in emb]
+        return [
+            exact_neighbours(e, vectors, row_patient_ids, n_poses, ordinals, k, exclude, inc)
+            for e, inc in zip(emb, include, strict=True)
+        ]
 
     return run
 

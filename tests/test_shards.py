@@ -200,3 +200,27 @@ def test_sharded_build_keeps_and_finds_its_encoder_copy(
     result = CliRunner().invoke(main, check)
     assert result.exit_code == 1, result.output  # the set (with encoder/ inside) loads and rejects the copy
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["reject"] == 1
+
+
+def test_included_patients_come_back_with_their_exact_cosine_sharded_or_not(
+    built: tuple[Path, Path, ProjectionEncoder, np.ndarray],
+) -> None:
+    """``include`` (the voxel channel's patients) adds patients beyond the top k, exact, on every shard."""
+    single_dir, sharded_dir, enc, vectors = built
+    single, sharded = TrainingIndex.load(single_dir, enc), load_index(sharded_dir, enc)
+    queries = _queries(vectors, enc)[:5]
+    ids = [pid(i // PER_PATIENT) for i in range(ROWS)]
+    include = []
+    for q in queries:  # the patient farthest from each query: never in its top 5
+        sims = vectors.astype(np.float64) @ q.vector.astype(np.float64)
+        include.append((ids[int(np.argmin(sims))], "p-ffffffffffffffff"))  # the second is in no shard
+    a = single.search_many(queries, [None] * 5, 5, include)
+    b = sharded.search_many(queries, [None] * 5, 5, include)
+    for q, x, y, (far, _) in zip(queries, a, b, include, strict=True):
+        assert x.patient_ids == y.patient_ids and len(x.patient_ids) == 6
+        assert far in x.patient_ids and "p-ffffffffffffffff" not in x.patient_ids
+        rows = [i for i, p in enumerate(ids) if p == far]
+        want = float((vectors[rows].astype(np.float64) @ q.vector.astype(np.float64)).max())
+        assert x.similarities[x.patient_ids.index(far)] == pytest.approx(want, abs=1e-6)
+        np.testing.assert_allclose(x.similarities, y.similarities, atol=1e-12)
+        assert x.patient_ids[:5] == single.search_many([q], [None], 5)[0].patient_ids

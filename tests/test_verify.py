@@ -193,3 +193,70 @@ def test_simulated_copies_verify_as_copies(hippo: list[Volume]) -> None:
         out = verifier.verify(nb, verify.View(c.image, c.mask))
         assert out.verified is not None
         assert out.verified_patient_id == pids[0], c.changes
+
+
+def _blurred_copy(volume: Volume) -> verify.View:
+    """What a memorizing generator emits: the source smoothed and its contrast drifted."""
+    img, mask = verify.grid_with_mask(volume, CFG, S)
+    return verify.View(np.clip(ndimage.gaussian_filter(img, 2.0), 0.0, 1.0) ** 1.3, mask)
+
+
+def test_voxel_channel_ranks_a_blurred_copys_source_first(hippo: list[Volume]) -> None:
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    for source in (0, 3, 5):
+        found = verifier.voxel_patients(_blurred_copy(hippo[source]), n=3)
+        assert len(found) == 3 and found[0] == pids[source]
+    assert len(verifier.voxel_patients(_blurred_copy(hippo[0]), n=len(hippo) + 4)) == len(hippo)
+    v = verify.voxel_vector(grids[0])
+    assert v.shape == (8 * 12 * 8,) and abs(float(v @ v) - 1.0) < 1e-5
+
+
+def test_retrieve_and_verify_verifies_the_source_the_encoder_missed(hippo: list[Volume]) -> None:
+    """A search that never ranks the source: the voxel channel still brings it in, with its cosine."""
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    source = pids[2]
+    others = tuple(p for p in pids if p != source)
+    asked: list[tuple[str, ...]] = []
+
+    def search(views: list[np.ndarray], k: int, include: list[tuple[str, ...]]) -> list[Neighbours]:
+        out = []
+        for inc in include:
+            asked.append(tuple(inc))
+            extra = tuple(p for p in inc if p not in others)
+            ids = others + extra
+            sims = np.concatenate([np.linspace(0.95, 0.9, len(others)), np.full(len(extra), 0.1)])
+            out.append(Neighbours(ids, sims, matched=tuple((0, 0) for _ in ids)))
+        return out
+
+    first = Neighbours(others, np.linspace(0.95, 0.9, len(others)), matched=tuple((0, 0) for _ in others))
+    (out,) = verify.retrieve_and_verify(verifier, [first], [_blurred_copy(hippo[2])], search, k=3)
+    assert len(asked) == len(verify.QUERY_SHIFTS_VOX) + 1 and all(source in a for a in asked)
+    assert out.verified is not None and out.verified_patient_id == source
+    assert out.verified[-1] > 0.85 and out.verified[-1] > out.verified[:-1].max() + 0.05
+    assert out.patient_ids[:3] == others[:3] and out.patient_ids[-1] == source
+    assert out.similarities[-1] == pytest.approx(0.1)  # the cosine the search computed, not made up
+
+
+def test_exact_neighbours_answers_included_patients_but_never_the_excluded_one() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((12, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    row_pids = [f"p-{i // 2:016x}" for i in range(12)]
+    q = vectors[0]
+    far = row_pids[int(np.argmin(vectors @ q))]
+    nb = verify.exact_neighbours(q, vectors, row_pids, 2, [0] * 6, 2, exclude=None, include=(far,))
+    assert len(nb.patient_ids) == 3 and nb.patient_ids[-1] == far
+    nb = verify.exact_neighbours(q, vectors, row_pids, 2, [0] * 6, 2, exclude=far, include=(far,))
+    assert far not in nb.patient_ids and len(nb.patient_ids) == 2
+
+
+def test_merge_keeps_named_patients_beyond_k() -> None:
+    a = Neighbours(
+        tuple(f"p-{i:016x}" for i in range(4)), np.asarray([0.9, 0.8, 0.7, 0.6]), matched=((0, 0),) * 4
+    )
+    m = merge_neighbours([a], 2, keep=("p-0000000000000003", "p-00000000000000ff"))
+    assert m.patient_ids == ("p-0000000000000000", "p-0000000000000001", "p-0000000000000003")

@@ -273,9 +273,15 @@ class ShardActor:
             raise self.failure
         return self.index.manifest
 
-    def search_many(self, embeddings: list[Embedding], voxels: list[str | None], k: int) -> list[Neighbours]:
+    def search_many(
+        self,
+        embeddings: list[Embedding],
+        voxels: list[str | None],
+        k: int,
+        include: list[Sequence[str]] | None = None,
+    ) -> list[Neighbours]:
         """:meth:`gate.index.TrainingIndex.search_many`."""
-        return self.index.search_many(embeddings, voxels, k)
+        return self.index.search_many(embeddings, voxels, k, include)
 
 
 def _get(refs: Any) -> Any:
@@ -352,14 +358,23 @@ class RayIndex:
         return self._calibration
 
     def search_many(
-        self, embeddings: Sequence[Embedding], voxel_sha256s: Sequence[str | None], k: int = DEFAULT_K
+        self,
+        embeddings: Sequence[Embedding],
+        voxel_sha256s: Sequence[str | None],
+        k: int = DEFAULT_K,
+        include: Sequence[Sequence[str]] | None = None,
     ) -> list[Neighbours]:
-        """Fan out to every shard actor and merge the top ``k`` patients per candidate."""
+        """Fan out to every shard actor and merge the top ``k`` patients (and ``include``'s) per candidate."""
         if not embeddings:
             return []
         emb_ref, vox_ref = ray.put(list(embeddings)), ray.put(list(voxel_sha256s))
-        per_shard = _get([a.search_many.remote(emb_ref, vox_ref, k) for a in self._actors])
-        return [merge_neighbours(parts, k) for parts in zip(*per_shard, strict=True)]
+        inc = None if include is None else [list(p) for p in include]
+        per_shard = _get([a.search_many.remote(emb_ref, vox_ref, k, inc) for a in self._actors])
+        keep = inc if inc is not None else [[] for _ in embeddings]
+        return [
+            merge_neighbours(parts, k, kept)
+            for parts, kept in zip(zip(*per_shard, strict=True), keep, strict=True)
+        ]
 
 
 class RayEngine:
