@@ -758,6 +758,9 @@ def cmd_score(args: argparse.Namespace) -> None:
                 "gate_similarity": next(iter(gate_by_policy.values()))[i]["similarity"]
                 if gate_by_policy
                 else None,
+                "gate_verified": next(iter(gate_by_policy.values()))[i]["details"].get("verified")
+                if gate_by_policy
+                else None,
                 "dar_score": dar["scores"][i],
             }
             for i, (r, g) in enumerate(zip(rows, ref, strict=True))
@@ -937,6 +940,161 @@ def cmd_montage(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+def _threshold_options() -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    similar = [("percentile", q) for q in (50.0, 75.0, 90.0, 95.0, 99.0, 100.0)]
+    duplicate = [("percentile", q) for q in (95.0, 99.0, 100.0)] + [
+        ("copies", q) for q in (1.0, 5.0, 10.0, 20.0, 30.0, 50.0)
+    ]
+    return similar, duplicate
+
+
+def cmd_grades(args: argparse.Namespace) -> None:
+    """How well can the gate's own two scores reproduce the reference's three grades?
+
+    Reads a ``score`` result (per sample the gate's cosine and verified score) and the index's
+    calibration, and reports on the test half, with every choice made on the validation half:
+    (1) each score alone with two free thresholds (maximal validation macro-F1: the ceiling of a
+    grade mapping on that score); (2) every policy over a grid of the threshold kinds policies
+    can express (percentiles of real patients, percentiles of simulated copies) for both scores,
+    graded as :func:`gate.decide.decide` does (the higher grade decides), the best by validation
+    macro-F1 among those with validation duplicate recall 1.0, and the best without that
+    constraint. ``DUPLICATE_CEILING`` is applied as the decision does.
+    """
+    from gate.decide import DUPLICATE_CEILING
+    from gate.index_manifest import read_manifest
+
+    out_score = json.loads(Path(args.score).read_text())
+    rows = out_score["samples"]
+    if any(r.get("gate_verified") is None for r in rows):
+        raise SystemExit(f"{args.score}: no verified scores (score against a verifying index)")
+    ref = np.asarray([r["reference"] for r in rows])
+    cos = np.asarray([r["gate_similarity"] for r in rows])
+    ver = np.asarray([r["gate_verified"] for r in rows])
+    closer = np.asarray([r["aligned_ncc"] for r in rows]) > out_score["reference_thresholds"]["similar"]
+    val, test = split_halves(len(rows))
+    manifest = read_manifest(Path(args.index))
+    if manifest.verification is None:
+        raise SystemExit(f"{args.index}: the index does not verify")
+    dists = {
+        "cosine": (manifest.calibration.similarities, manifest.verification.copies_cosine.similarities),
+        "verified": (
+            manifest.verification.calibration.similarities,
+            manifest.verification.copies.similarities,
+        ),
+    }
+    result: dict = {"score": str(args.score), "index": str(args.index), "alone": {}, "policies": {}}
+    for name, x in (("cosine", cos), ("verified", ver)):
+        t1, t2, fv = choose_thresholds(x[val], list(ref[val]))
+        pred = grades_from_score(x[test], t1, t2)
+        result["alone"][name] = {
+            "thresholds": {"similar": t1, "duplicate": t2},
+            "validation_macro_f1": fv,
+            "test": class_metrics(list(ref[test]), pred),
+        }
+
+    def resolve(score: str, kind: str, value: float) -> float:
+        novel, copies = dists[score]
+        return min(float(np.percentile(novel if kind == "percentile" else copies, value)), DUPLICATE_CEILING)
+
+    order = {g: i for i, g in enumerate(GRADES)}
+    similar_opts, duplicate_opts = _threshold_options()
+    tried = []
+    for cs in similar_opts:
+        for cd in duplicate_opts:
+            for vs in similar_opts:
+                for vd in duplicate_opts:
+                    t = [
+                        resolve("cosine", *cs),
+                        resolve("cosine", *cd),
+                        resolve("verified", *vs),
+                        resolve("verified", *vd),
+                    ]
+                    if t[0] > t[1] or t[2] > t[3]:
+                        continue
+                    g = np.maximum(
+                        [order[x] for x in grades_from_score(cos, t[0], t[1])],
+                        [order[x] for x in grades_from_score(ver, t[2], t[3])],
+                    )
+                    pred = [GRADES[i] for i in g]
+                    mv = class_metrics(list(ref[val]), [pred[i] for i in val])
+                    dup_val = float(np.mean(g[val][ref[val] == "duplicate"] == 2))
+                    tried.append(
+                        {
+                            "cosine": {"similar": list(cs), "duplicate": list(cd)},
+                            "verified": {"similar": list(vs), "duplicate": list(vd)},
+                            "resolved": t,
+                            "validation_macro_f1": mv["macro_f1"],
+                            "validation_duplicate_recall": dup_val,
+                            "passed_closer_than_any_two_real_patients": int(((g == 0) & closer).sum()),
+                            "test": class_metrics(list(ref[test]), [pred[i] for i in test]),
+                        }
+                    )
+    recall_one = [x for x in tried if x["validation_duplicate_recall"] == 1.0]
+    result["policies"] = {
+        "tried": len(tried),
+        "best_with_duplicate_recall_1": max(recall_one, key=lambda x: x["validation_macro_f1"])
+        if recall_one
+        else None,
+        "best": max(tried, key=lambda x: x["validation_macro_f1"]),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for name, r in result["alone"].items():
+        print(
+            f"{name} alone: validation {r['validation_macro_f1']:.3f}, "
+            f"test macro-F1 {r['test']['macro_f1']:.3f}"
+        )
+    for key in ("best_with_duplicate_recall_1", "best"):
+        r = result["policies"][key]
+        if r is not None:
+            rec = r["test"]["per_class"]["duplicate"]["recall"]
+            print(
+                f"policy grid, {key}: validation {r['validation_macro_f1']:.3f}, test macro-F1 "
+                f"{r['test']['macro_f1']:.3f}, test duplicate recall {rec:.3f}, "
+                f"closer-than-real passes {r['passed_closer_than_any_two_real_patients']}"
+            )
+
+
+def cmd_voxel_rank(args: argparse.Namespace) -> None:
+    """Where the voxel channel (:meth:`gate.verify.Verifier.voxel_patients`) ranks each sample's source.
+
+    The rank (0 = first) of the reference's nearest patient among every patient of the index,
+    per reference grade; writes the per-sample ranks.
+    """
+    from gate.cli.options import read_options
+    from gate.index_manifest import read_grids, read_manifest
+    from gate.verify import MAX_SHIFT_VOX, Verifier
+    from gate.volume import DEFAULT_MAX_VOXELS, read_volumes
+
+    labels = json.loads(Path(args.labels).read_text())
+    rows = labels["samples"]
+    ref = reference_grades(labels)
+    index = Path(args.index)
+    m = read_manifest(index)
+    grids = read_grids(index / "grids.npy", m)
+    pids = [r.patient_id for r in m.rows]
+    verifier = Verifier(list(grids), pids, m.poses, m.preprocess, MAX_SHIFT_VOX)
+    opts = read_options(ROOT / "gate" / "models" / "demo-pseudonym.key", None, None, DEFAULT_MAX_VOXELS)
+    ranks = []
+    for r in rows:
+        (v,) = read_volumes(Path(args.samples) / r["sample"], opts)
+        order = verifier.voxel_patients(verifier.view(v), n=len(set(pids)))
+        ranks.append(order.index(r["nearest_patient_id"]))
+    out = {
+        "index": str(index),
+        "by_reference_grade": {
+            g: {
+                "n": sum(x == g for x in ref),
+                "rank_first": sum(1 for k, x in zip(ranks, ref, strict=True) if x == g and k == 0),
+                "rank_max": max((k for k, x in zip(ranks, ref, strict=True) if x == g), default=None),
+            }
+            for g in GRADES
+        },
+        "samples": [{"sample": r["sample"], "rank": k} for r, k in zip(rows, ranks, strict=True)],
+    }
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out["by_reference_grade"]))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench/ldm_copies.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -981,6 +1139,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ce.add_argument("--threads", type=int, default=1)
     ce.add_argument("--out", default=str(RUNS / "ceiling.json"))
     ce.set_defaults(fn=cmd_ceiling)
+    gr = sub.add_parser("grades", help="how well the gate's two scores can reproduce the three grades")
+    gr.add_argument("--score", default=str(ROOT / "docs" / "results" / "ldm_copies_verify.json"))
+    gr.add_argument("--index", default=str(ROOT / "gate" / "models" / "index"))
+    gr.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies_grades.json"))
+    gr.set_defaults(fn=cmd_grades)
+    vr = sub.add_parser("voxel-rank", help="where the voxel channel ranks each sample's source")
+    vr.add_argument("--labels", default=str(RUNS / "labels.json"))
+    vr.add_argument("--samples", default=str(RUNS / "samples"))
+    vr.add_argument("--index", default=str(ROOT / "gate" / "models" / "index"))
+    vr.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies_voxel_rank.json"))
+    vr.set_defaults(fn=cmd_voxel_rank)
     rp = sub.add_parser("report", help="markdown tables of a score result")
     rp.add_argument("--score", default=str(ROOT / "docs" / "results" / "ldm_copies.json"))
     rp.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies.md"))

@@ -273,7 +273,7 @@ The encoder retrieves by what it learned; a copy a generator blurred can fall ou
 :data:`VERIFY_K`: one memorizing-LDM sample (reference NCC 0.840 to its source, closer than any
 two real patients) passed strict at verified 0.768 because its source was not retrieved. Ranked
 by the correlation of block means, the source of every reference "similar" and "duplicate"
-sample of that benchmark was first (runs/lowres_exp.json, docs/ldm_copies.md)."""
+sample of that benchmark was first (bench/ldm_copies.py voxel-rank, docs/encoder.md)."""
 
 
 def voxel_vector(grid: np.ndarray) -> np.ndarray:

@@ -162,3 +162,36 @@ def test_methods_table_and_report_on_a_small_synthetic_run() -> None:
     text = L.report_markdown(out)
     assert "| gate `strict` | all | 1.000 |" in text
     assert "| strict | 10 | 0 | 10 / 0 / 0 |" in text
+
+
+def test_grades_ceiling_on_a_synthetic_score(tmp_path: Path) -> None:
+    """`grades`: a verified score that orders the grades perfectly has a free-threshold ceiling of 1.0,
+    and the policy grid is graded as the decision does (higher grade wins)."""
+    import argparse
+    import json
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        ref = ("different", "similar", "duplicate")[i % 3]
+        ver = {"different": 0.6, "similar": 0.86, "duplicate": 0.95}[ref] + 0.01 * rng.random()
+        rows.append(
+            {
+                "sample": f"s{i}",
+                "reference": ref,
+                "aligned_ncc": ver,
+                "gate_similarity": 0.5 + 0.1 * rng.random(),  # uninformative, below every cosine bound
+                "gate_verified": ver,
+            }
+        )
+    score = tmp_path / "score.json"
+    score.write_text(json.dumps({"samples": rows, "reference_thresholds": {"similar": 0.82}}))
+    out = tmp_path / "grades.json"
+    index = Path(__file__).resolve().parents[1] / "gate" / "models" / "index"
+    L.cmd_grades(argparse.Namespace(score=str(score), index=str(index), out=str(out)))
+    res = json.loads(out.read_text())
+    assert res["alone"]["verified"]["test"]["macro_f1"] == 1.0
+    assert res["alone"]["cosine"]["test"]["macro_f1"] < 0.7
+    best = res["policies"]["best_with_duplicate_recall_1"]
+    assert best is not None and best["passed_closer_than_any_two_real_patients"] == 0
+    assert res["policies"]["tried"] > 100
