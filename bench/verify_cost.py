@@ -5,7 +5,9 @@ Stages timed per candidate (wall and CPU seconds, median over the candidates), i
 - ``search``: embed the candidate and search the index (what a non-verifying index does);
 - ``views``: the grid and its 14 shifted query views embedded and searched for the 20 nearest
   patients (:data:`gate.verify.QUERY_SHIFTS_VOX`, :data:`gate.verify.VERIFY_K`);
-- ``verify``: :meth:`gate.verify.Verifier.verify` on those 20 patients;
+- ``voxel``: the voxel channel's patients (:meth:`gate.verify.Verifier.voxel_patients`), added
+  to that search with their exact cosine;
+- ``verify``: :meth:`gate.verify.Verifier.verify` on the merged patients;
 - the ratio of the whole verifying path to search alone.
 
 Candidates: near copies of shipped-index training volumes (a 3-voxel field-of-view cut, a 6-degree
@@ -34,7 +36,7 @@ def main() -> None:
     from gate.embed import Encoder
     from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
     from gate.values import Volume, merge_neighbours
-    from gate.verify import VERIFY_K, grid_search, query_views, window
+    from gate.verify import VERIFY_K, VOXEL_K, grid_search, query_views, window
     from gate.volume import discover, read_volumes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,23 +63,28 @@ def main() -> None:
             Volume(np.ascontiguousarray(data, np.float32), v.affine, v.spacing, v.source, v.patient_id)
         )
     search = grid_search(encoder, index)
-    times: dict[str, list[tuple[float, float]]] = {"search": [], "views": [], "verify": []}
+    times: dict[str, list[tuple[float, float]]] = {"search": [], "voxel": [], "views": [], "verify": []}
 
     def clock() -> tuple[float, float]:
         return time.perf_counter(), time.process_time()
 
+    merged_sizes: list[int] = []
     for vol in vols:
         t0 = clock()
         (probe,) = embed_volumes([vol], encoder)
         (nb,) = index.search_many([probe.embedding], [probe.voxel_sha256], 5)
         t1 = clock()
         view = verifier.view(vol)
+        voxel = verifier.voxel_patients(view)
+        tv = clock()
         grids = [window(view, verifier.config.grid), *query_views(view, verifier.config.grid)]
-        merged = merge_neighbours([nb, *search(grids, VERIFY_K)], VERIFY_K)
+        merged = merge_neighbours([nb, *search(grids, VERIFY_K, [voxel] * len(grids))], VERIFY_K, voxel)
         t2 = clock()
         verifier.verify(merged, view)
         t3 = clock()
-        for name, (a, b) in (("search", (t0, t1)), ("views", (t1, t2)), ("verify", (t2, t3))):
+        merged_sizes.append(len(merged.patient_ids))
+        stages = (("search", (t0, t1)), ("voxel", (t1, tv)), ("views", (tv, t2)), ("verify", (t2, t3)))
+        for name, (a, b) in stages:
             times[name].append((b[0] - a[0], b[1] - a[1]))
     med = {
         k: {
@@ -90,6 +97,8 @@ def main() -> None:
     result = {
         "candidates": len(vols),
         "verified_patients": VERIFY_K,
+        "voxel_patients": VOXEL_K,
+        "merged_patients_median": float(np.median(merged_sizes)),
         "grid": list(verifier.config.grid),
         "threads": 1,
         "stages_median": med,
