@@ -224,3 +224,44 @@ def test_sweep_reaches_wide_severities() -> None:
     sweep = markdown_sweep(res)
     assert "| raw_voxel_pearson | translation | 8.0 |" in sweep
     assert "| raw_voxel_pearson | composite | 2.0 |" in sweep
+
+
+def test_verified_scorer_scores_copies_above_new_patients(hippocampus_dir, read_opts) -> None:
+    """VerifiedScorer runs the product's retrieve-then-verify: a blurred, shifted copy of a training
+    volume verifies near 1 against it, a patient it never saw does not; the combined score ranks
+    by the higher of the two calibrated ranks."""
+    from scipy import ndimage
+
+    from gate.encoder.benchmark import VerifiedScorer
+    from gate.poses import COMPACT_POSES
+    from gate.preprocess import preprocess
+    from gate.verify import voxel_vector
+    from gate.volume import discover, read_volumes
+
+    config = PreprocessConfig()
+    vols = [v for f in discover([hippocampus_dir])[:7] for v in read_volumes(f, read_opts)]
+    train, novel = vols[:6], vols[6]
+    proj = np.random.default_rng(0).standard_normal((768, 16)).astype(np.float32)
+
+    def embed(x: np.ndarray) -> np.ndarray:  # a fixed projection of block means: a stand-in encoder
+        e = np.stack([voxel_vector(g[0]) for g in x]) @ proj
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+    scorers = {}
+    shared: dict = {}
+    for mode in ("combined", "verified"):
+        s = VerifiedScorer("v", embed, COMPACT_POSES, train, config, mode=mode, shared=shared)
+        s.fit(np.zeros((len(train), 1, *config.grid), np.float32))
+        scorers[mode] = s
+    grid = preprocess(train[2], config).data
+    copy = np.roll(ndimage.gaussian_filter(grid, 1.0), 2, axis=1)
+    new = preprocess(novel, config).data
+    batch = np.stack([copy, new])[:, None].astype(np.float32)
+    ver = scorers["verified"].score(batch)
+    assert ver[0] > 0.9 and ver[1] < ver[0] - 0.05, ver
+    comb = scorers["combined"].score(batch)
+    assert comb[0] > comb[1] and comb[0] >= 1.0  # above every training patient's own LOO scores
+    cos, lopo_ver = scorers["combined"]._fitted["lopo"]
+    assert len(cos) == len(lopo_ver) == len(train)
+    out = scorers["verified"].judge(embed(batch[:1])[0], VerifiedScorer.candidate_view(copy))
+    assert out.verified_patient_id == "p-0000000000000002"
