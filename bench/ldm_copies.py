@@ -1095,6 +1095,13 @@ def cmd_voxel_rank(args: argparse.Namespace) -> None:
     print(json.dumps(out["by_reference_grade"]))
 
 
+def _sample_set_args(parser: argparse.ArgumentParser) -> None:
+    """``--labels``, ``--samples`` and ``--index``: the labelled sample set and the index it is judged on."""
+    parser.add_argument("--labels", default=str(RUNS / "labels.json"))
+    parser.add_argument("--samples", default=str(RUNS / "samples"))
+    parser.add_argument("--index", default=str(ROOT / "gate" / "models" / "index"))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench/ldm_copies.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1115,17 +1122,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     lab.add_argument("--out", default=str(RUNS / "labels.json"))
     lab.set_defaults(fn=cmd_label)
     mo = sub.add_parser("montage", help="borderline cases per reference grade")
-    mo.add_argument("--labels", default=str(RUNS / "labels.json"))
-    mo.add_argument("--samples", default=str(RUNS / "samples"))
+    _sample_set_args(mo)
     mo.add_argument("--data", default=str(DATA))
-    mo.add_argument("--index", default=str(ROOT / "gate" / "models" / "index"))
     mo.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies_montage.png"))
     mo.set_defaults(fn=cmd_montage)
     sc = sub.add_parser("score", help="score the gate against the reference labels")
-    sc.add_argument("--labels", default=str(RUNS / "labels.json"))
-    sc.add_argument("--samples", default=str(RUNS / "samples"))
+    _sample_set_args(sc)
     sc.add_argument("--data", default=str(DATA))
-    sc.add_argument("--index", default=str(ROOT / "gate" / "models" / "index"))
     sc.add_argument("--encoder", default=str(ROOT / "gate" / "models" / "encoder"))
     sc.add_argument("--policy", action="append", default=None)
     sc.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies.json"))
@@ -1145,9 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     gr.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies_grades.json"))
     gr.set_defaults(fn=cmd_grades)
     vr = sub.add_parser("voxel-rank", help="where the voxel channel ranks each sample's source")
-    vr.add_argument("--labels", default=str(RUNS / "labels.json"))
-    vr.add_argument("--samples", default=str(RUNS / "samples"))
-    vr.add_argument("--index", default=str(ROOT / "gate" / "models" / "index"))
+    _sample_set_args(vr)
     vr.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies_voxel_rank.json"))
     vr.set_defaults(fn=cmd_voxel_rank)
     rp = sub.add_parser("report", help="markdown tables of a score result")
