@@ -36,7 +36,7 @@ def main() -> None:
     from gate.embed import Encoder
     from gate.index import DEFAULT_INDEX_DIR, TrainingIndex, embed_volumes
     from gate.values import Volume, merge_neighbours
-    from gate.verify import VERIFY_K, VOXEL_K, grid_search, query_views, window
+    from gate.verify import VERIFY_K, VOXEL_K, grid_search, search_windows
     from gate.volume import discover, read_volumes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,9 +75,9 @@ def main() -> None:
         (nb,) = index.search_many([probe.embedding], [probe.voxel_sha256], 5)
         t1 = clock()
         view = verifier.view(vol)
-        voxel = verifier.voxel_patients(view)
+        grids = search_windows(view, verifier.config.grid)
+        voxel = verifier.voxel_patients(view, windows=grids)
         tv = clock()
-        grids = [window(view, verifier.config.grid), *query_views(view, verifier.config.grid)]
         merged = merge_neighbours([nb, *search(grids, VERIFY_K, [voxel] * len(grids))], VERIFY_K, voxel)
         t2 = clock()
         verifier.verify(merged, view)

@@ -247,8 +247,8 @@ unturned half-resolution NCC, while the encoder (trained on turns) does rank its
 the shipped index's 522 simulated copies, 26 verified below 0.80 when only the best by NCC was
 refined (all turned 8-12 degrees; bench/refine_ablation.py, docs/results/refine_ablation.json).
 Refining the top 3 by NCC left 11 of them below 0.80; the top 1 by NCC and the nearest by cosine
-3; the top 2 by NCC and the 2 nearest by cosine 1, at 1.5x the time on those copies (0.24 s
-against 0.16 s, one core, search included); all 25 merged patients none, at 6.3x."""
+3; the top 2 by NCC and the 2 nearest by cosine 1, at 1.6x the time on those copies (0.24 s
+against 0.15 s, one core, search included); all 25 merged patients none, at 6.6x."""
 
 REFINE_PATIENTS = 2
 """Patients (the best by half-resolution NCC) whose alignment is refined by the rotation search
@@ -461,7 +461,9 @@ class Verifier:
             np.stack([voxel_vector(g) for g in self._grids]) if self._grids else np.zeros((0, 1), np.float32)
         )
 
-    def voxel_patients(self, view: View, n: int = VOXEL_K) -> tuple[str, ...]:
+    def voxel_patients(
+        self, view: View, n: int = VOXEL_K, windows: Sequence[np.ndarray] | None = None
+    ) -> tuple[str, ...]:
         """The voxel channel: the ``n`` patients whose block means correlate best with the candidate's.
 
         A second retrieval beside the encoder's, that learns nothing: the candidate's grid window
@@ -472,13 +474,16 @@ class Verifier:
         Args:
             view: the candidate (:meth:`view`).
             n: patients returned.
+            windows: the candidate's grid window and shifted windows when already cut
+                (:func:`search_windows`); cut from ``view`` otherwise.
 
         Returns:
             Pseudonymous patient ids, best first.
 
         """
-        grid = self.config.grid
-        q = np.stack([voxel_vector(window(view, grid)), *(voxel_vector(w) for w in query_views(view, grid))])
+        if windows is None:
+            windows = search_windows(view, self.config.grid)
+        q = np.stack([voxel_vector(w) for w in windows])
         per_volume = (q @ self._voxel_vectors.T).max(axis=0)
         best: dict[str, float] = {}
         for vol in np.argsort(-per_volume, kind="stable").tolist():
@@ -654,6 +659,11 @@ def query_views(view: View, grid: Sequence[int]) -> list[np.ndarray]:
     return [window(view, grid, shift) for shift in QUERY_SHIFTS_VOX]
 
 
+def search_windows(view: View, grid: Sequence[int]) -> list[np.ndarray]:
+    """The candidate's own grid window followed by its :func:`query_views`: what is searched."""
+    return [window(view, grid), *query_views(view, grid)]
+
+
 def retrieve_and_verify(
     verifier: Verifier | None,
     neighbours: Sequence[Neighbours],
@@ -688,13 +698,14 @@ def retrieve_and_verify(
     grid = verifier.config.grid
     depth = max(k, VERIFY_K)
     n = len(QUERY_SHIFTS_VOX) + 1
-    voxel = [verifier.voxel_patients(v) for v in views]
+    voxel: list[tuple[str, ...]] = []
     found: list[Neighbours] = []
-    for start in range(0, len(views), QUERY_BATCH):
+    for start in range(0, len(views), QUERY_BATCH):  # windows cut once per batch, for both channels
         part = views[start : start + QUERY_BATCH]
-        grids = [g for v in part for g in (window(v, grid), *query_views(v, grid))]
-        include = [voxel[start + j] for j in range(len(part)) for _ in range(n)]
-        found.extend(search(grids, depth, include))
+        cut = [search_windows(v, grid) for v in part]
+        channel = [verifier.voxel_patients(v, windows=w) for v, w in zip(part, cut, strict=True)]
+        voxel.extend(channel)
+        found.extend(search([g for w in cut for g in w], depth, [p for p in channel for _ in range(n)]))
     out = []
     for i, (nb, view) in enumerate(zip(neighbours, views, strict=True)):
         merged = merge_neighbours([nb, *found[i * n : (i + 1) * n]], depth, voxel[i])
