@@ -962,6 +962,7 @@ def cmd_grades(args: argparse.Namespace) -> None:
     """
     from gate.decide import DUPLICATE_CEILING
     from gate.index_manifest import read_manifest
+    from gate.policy import Threshold, ThresholdKind
 
     out_score = json.loads(Path(args.score).read_text())
     rows = out_score["samples"]
@@ -975,12 +976,9 @@ def cmd_grades(args: argparse.Namespace) -> None:
     manifest = read_manifest(Path(args.index))
     if manifest.verification is None:
         raise SystemExit(f"{args.index}: the index does not verify")
-    dists = {
-        "cosine": (manifest.calibration.similarities, manifest.verification.copies_cosine.similarities),
-        "verified": (
-            manifest.verification.calibration.similarities,
-            manifest.verification.copies.similarities,
-        ),
+    dists = {  # (real patients, simulated copies) per score, as the decision resolves them
+        "cosine": (manifest.calibration, manifest.verification.copies_cosine),
+        "verified": (manifest.verification.calibration, manifest.verification.copies),
     }
     result: dict = {"score": str(args.score), "index": str(args.index), "alone": {}, "policies": {}}
     for name, x in (("cosine", cos), ("verified", ver)):
@@ -994,7 +992,8 @@ def cmd_grades(args: argparse.Namespace) -> None:
 
     def resolve(score: str, kind: str, value: float) -> float:
         novel, copies = dists[score]
-        return min(float(np.percentile(novel if kind == "percentile" else copies, value)), DUPLICATE_CEILING)
+        threshold = Threshold(kind=ThresholdKind(kind), value=value)
+        return min(threshold.resolve(novel, score, copies), DUPLICATE_CEILING)
 
     order = {g: i for i, g in enumerate(GRADES)}
     similar_opts, duplicate_opts = _threshold_options()

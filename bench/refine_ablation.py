@@ -53,13 +53,17 @@ def score_copies(index: Path, data: Path, encoder: Path) -> tuple[list[Copy], li
     verifier = gv.Verifier(list(grids), pids, m.poses, m.preprocess, gv.MAX_SHIFT_VOX)
     views = [gv.grid_with_mask(v, m.preprocess, gv.MAX_SHIFT_VOX) for v in vols]
     copies = simulated_copies(views, m.seed)
+    centres = np.stack([c.centre(gv.MAX_SHIFT_VOX) for c in copies])[:, None]
+    queries = np.concatenate(  # the copies' embeddings do not depend on the setting: once, batched
+        [enc.embed_array(np.ascontiguousarray(centres[i : i + 64])) for i in range(0, len(centres), 64)]
+    ).astype(np.float32)
+    query_of = {id(c): q for c, q in zip(copies, queries, strict=True)}
     search = gv.exact_grid_search(enc.embed_array, vectors, row_pids, n_poses, ordinals, None)
 
     def run(chosen: Sequence[Copy]) -> list[dict]:
         out = []
         for c in chosen:
-            q = enc.embed_array(np.ascontiguousarray(c.centre(gv.MAX_SHIFT_VOX)[None, None]))[0]
-            nb = gv.exact_neighbours(q.astype(np.float32), vectors, row_pids, n_poses, ordinals, gv.VERIFY_K)
+            nb = gv.exact_neighbours(query_of[id(c)], vectors, row_pids, n_poses, ordinals, gv.VERIFY_K)
             (r,) = gv.retrieve_and_verify(verifier, [nb], [gv.View(c.image, c.mask)], search, gv.VERIFY_K)
             out.append(
                 {
