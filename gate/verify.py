@@ -135,15 +135,19 @@ class View:
     Args:
         image: float (X + 2S, Y + 2S, Z + 2S), S = the margin, intensities in [0, 1].
         mask: bool, same shape: True where the candidate holds voxels.
+        trim: leave boundary planes of zeros out of the mask (:func:`trim_empty_planes`); the
+            localisation over a whole field of view keeps them (zeros there are the field's).
 
     """
 
-    def __init__(self, image: np.ndarray, mask: np.ndarray) -> None:
+    def __init__(self, image: np.ndarray, mask: np.ndarray, trim: bool = True) -> None:
         if image.shape != mask.shape or image.ndim != 3:
             raise ValueError(
                 f"a View needs a 3D image and a mask of its shape; got {image.shape}, {mask.shape}"
             )
-        mask = trim_empty_planes(image, mask)
+        if trim:
+            mask = trim_empty_planes(image, mask)
+        self._full = bool(mask.all())
         self.image, self.mask = image, mask
         self.shape = tuple(int(s) for s in image.shape)
         m = mask.astype(np.float32)
@@ -211,6 +215,81 @@ class View:
             overlap=float(n[pos] / max(total, 1.0)),
         )
 
+    def align_many(self, templates: TemplateSpectra) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`align` for many templates that share one mask, in one batched FFT product.
+
+        Args:
+            templates: their spectra at this view's shape (:func:`template_spectra`).
+
+        Returns:
+            float64 (N,) best masked NCC per template (-1 where no placement overlaps enough)
+            and int (N, 3) the placement (start of the template inside this view) where it is.
+
+        """
+        if templates.shape != self.shape:
+            raise ValueError(f"template spectra for {templates.shape}, view of {self.shape}")
+        tshape = templates.mask.shape
+        _, n, s_i, s_ii = self._mask_terms(templates.mask)
+        mi, xi, _ = self._spec
+        valid = (slice(None), *(slice(t - 1, f) for t, f in zip(tshape, self.shape, strict=True)))
+
+        def corr(a: np.ndarray) -> np.ndarray:
+            return fft.irfftn(a, self.shape, axes=(1, 2, 3))[valid].astype(np.float64)
+
+        s_ti = corr(templates.xt * xi)
+        if self._full:  # every placement covers the whole template: its sums are constants
+            s_t = np.zeros_like(s_ti)
+            s_tt = np.broadcast_to(templates.sum_sq[:, None, None, None], s_ti.shape)
+        else:
+            s_t, s_tt = corr(templates.xt * mi), corr(templates.xt2 * mi)
+        total = float(templates.mask.sum())
+        n_safe = np.maximum(n, 1.0)
+        cov = s_ti - s_t * s_i / n_safe
+        var_t = s_tt - s_t * s_t / n_safe
+        var_i = s_ii - s_i * s_i / n_safe
+        floor = VARIANCE_FLOOR * n_safe
+        ok = (n >= MIN_OVERLAP * total - 0.5) & (var_t > floor) & (var_i > floor)
+        ncc = np.where(ok, cov / np.sqrt(np.maximum(var_t * var_i, 1e-30)), -1.0).reshape(len(s_t), -1)
+        at = np.argmax(ncc, axis=1)
+        pos = np.stack(np.unravel_index(at, s_t.shape[1:]), axis=1)
+        return np.clip(ncc[np.arange(len(at)), at], -1.0, 1.0), pos
+
+
+@dataclass(frozen=True)
+class TemplateSpectra:
+    """Templates sharing one mask, transformed once for views of one shape (:meth:`View.align_many`).
+
+    Attributes:
+        mask: bool (X, Y, Z) the templates' shared validity mask.
+        shape: the view shape the spectra are for.
+        xt: complex (N, ...) spectra of the flipped, centred, masked templates.
+        xt2: complex (N, ...) spectra of their squares.
+        sum_sq: float64 (N,) sum of squares of each centred, masked template.
+
+    """
+
+    mask: np.ndarray
+    shape: tuple[int, ...]
+    xt: np.ndarray
+    xt2: np.ndarray
+    sum_sq: np.ndarray
+
+
+def template_spectra(templates: np.ndarray, mask: np.ndarray, shape: tuple[int, ...]) -> TemplateSpectra:
+    """Spectra of ``templates`` (float (N, X, Y, Z), one shared ``mask``) for views of ``shape``."""
+    flip = (slice(None), *(slice(None, None, -1),) * 3)
+    m = mask.astype(np.float32)
+    t = templates.astype(np.float32)
+    offset = (t * m).sum(axis=(1, 2, 3), keepdims=True) / max(float(m.sum()), 1.0)
+    tx = ((t - offset) * m)[flip]
+    return TemplateSpectra(
+        mask=mask,
+        shape=tuple(shape),
+        xt=fft.rfftn(tx, shape, axes=(1, 2, 3)),
+        xt2=fft.rfftn(tx * tx, shape, axes=(1, 2, 3)),
+        sum_sq=(tx.astype(np.float64) ** 2).sum(axis=(1, 2, 3)),
+    )
+
 
 VERIFY_K = 20
 """Patients verified per candidate (retrieval depth), whatever a policy's ``k`` reports: the
@@ -255,11 +334,32 @@ REFINE_PATIENTS = 2
 and re-scored at full resolution, beside :data:`REFINE_NEAREST`."""
 
 
+def _blocks(x: np.ndarray, f: int) -> np.ndarray:
+    """``f``x``f``x``f`` block means (trailing voxels short of a block dropped)."""
+    a, b, c = (n // f * f for n in x.shape)
+    y = x[:a, :b, :c].astype(np.float32)
+    return y.reshape(a // f, f, b // f, f, c // f, f).mean(axis=(1, 3, 5))
+
+
 def _half(x: np.ndarray) -> np.ndarray:
     """2x2x2 block means (odd trailing voxels dropped)."""
-    a, b, c = (n // 2 * 2 for n in x.shape)
-    y = x[:a, :b, :c].astype(np.float32)
-    return y.reshape(a // 2, 2, b // 2, 2, c // 2, 2).mean(axis=(1, 3, 5))
+    return _blocks(x, 2)
+
+
+def block_view(image: np.ndarray, mask: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its validity mask at ``1/f`` resolution: block means, real where half a block is.
+
+    Args:
+        image: float (X, Y, Z); only voxels where ``mask`` holds count.
+        mask: bool, same shape.
+        f: block size, voxels per axis.
+
+    Returns:
+        float32 (X//f, Y//f, Z//f) block means of ``image * mask`` and the bool mask of the
+        blocks at least half real (the convention of :meth:`View.coarse`).
+
+    """
+    return _blocks(np.where(mask, image, 0.0), f), _blocks(mask.astype(np.float32), f) >= 0.5
 
 
 VOXEL_FACTOR = 4
@@ -274,6 +374,46 @@ The encoder retrieves by what it learned; a copy a generator blurred can fall ou
 two real patients) passed strict at verified 0.768 because its source was not retrieved. Ranked
 by the correlation of block means, the source of every reference "similar" and "duplicate"
 sample of that benchmark was first (bench/ldm_copies.py voxel-rank, docs/encoder.md)."""
+
+
+LOCATE_K = 5
+"""Patients the localisation channel verifies inside a candidate larger than the grid
+(:meth:`Verifier.locate`): the best by block-mean NCC over every placement, each at its placement."""
+
+
+LOCATE_PHASES: tuple[tuple[int, int, int], ...] = tuple(
+    (x, y, z) for x in (0, 2) for y in (0, 2) for z in (0, 2)
+)
+"""Voxel offsets of the block lattices the localisation tries: a training volume sits anywhere,
+not on the 4-voxel block lattice, and block means two voxels off their source's blocks correlate
+no better than another patient's (hippocampus crops, tests/test_verify.py); with the 8 lattices
+offset by 0 or 2 voxels per axis no placement is more than one voxel off its blocks."""
+
+
+LOCATE_BATCH = 512
+"""Block templates transformed and correlated together (512 x 20x28x20 float32 = 23 MB)."""
+
+LOCATE_CACHE_BYTES = 256 * 1024 * 1024
+"""Template spectra kept between candidates of one shape at most (the shipped index: 261 grids,
+~25 MB at the 80x112x80 mm benchmark field of view)."""
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where one training volume fits best inside a candidate larger than the grid.
+
+    Attributes:
+        patient_id: its patient.
+        volume: its number among the patient's volumes.
+        start: (X, Y, Z) voxel start of the grid-sized window it fits, in the candidate.
+        ncc: masked NCC of the block means there.
+
+    """
+
+    patient_id: str
+    volume: int
+    start: tuple[int, int, int]
+    ncc: float
 
 
 def voxel_vector(grid: np.ndarray) -> np.ndarray:
@@ -457,6 +597,9 @@ class Verifier:
         for i, pid in enumerate(patient_ids):
             self._volumes.setdefault(pid, []).append(i)
         self._patient_of = list(patient_ids)
+        self._ordinals = volume_ordinals(self._patient_of)
+        self._blocks: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._spectra: tuple[tuple[int, ...], list[tuple[np.ndarray, TemplateSpectra]]] | None = None
         self._voxel_vectors = (
             np.stack([voxel_vector(g) for g in self._grids]) if self._grids else np.zeros((0, 1), np.float32)
         )
@@ -493,6 +636,94 @@ class Verifier:
                 if len(best) == n:
                     break
         return tuple(best)
+
+    def locate(self, image: np.ndarray, mask: np.ndarray, n: int = LOCATE_K) -> list[Located]:
+        """The localisation channel: where each training volume fits best inside a larger candidate.
+
+        Every stored training grid, reduced to :data:`VOXEL_FACTOR`-block means, is slid over
+        the candidate's block means at every placement (masked NCC, one FFT product per grid:
+        :meth:`View.align`), so where a training volume sits inside a larger field of view is
+        found exhaustively, whatever the encoder makes of the windows there. Patient-level max
+        over volumes.
+
+        Args:
+            image: float (X, Y, Z) the whole candidate, oriented, resampled and normalised, any
+                shape (axes shorter than the grid are padded, the padding not real).
+            mask: bool, same shape: True where the candidate holds voxels.
+            n: patients returned.
+
+        Returns:
+            Up to ``n`` :class:`Located`, best first; their ``start`` places a grid-sized window
+            inside ``image`` (0 on an axis shorter than the grid).
+
+        """
+        f = VOXEL_FACTOR
+        grid = [int(g) for g in self.config.grid]
+        shape = [int(s) for s in image.shape]
+        reach = max(max(p) for p in LOCATE_PHASES)
+        padded = tuple(max(s, g + reach) for s, g in zip(shape, grid, strict=True))
+        data = np.zeros(padded, dtype=np.float32)
+        real = np.zeros(padded, dtype=bool)
+        inside = tuple(slice(0, s) for s in shape)
+        data[inside], real[inside] = image, mask
+        limits = [max(0, s - g) for s, g in zip(shape, grid, strict=True)]
+        block_shape = tuple((p - reach) // f for p in padded)  # whole blocks at every phase
+        per_row = np.full(len(self._grids), -2.0)
+        starts = np.zeros((len(self._grids), 3), dtype=np.int64)
+        for phase in LOCATE_PHASES:
+            moved = tuple(slice(p, p + b * f) for p, b in zip(phase, block_shape, strict=True))
+            view = View(*block_view(data[moved], real[moved], f), trim=False)
+            for rows, spectra in self._located_spectra(block_shape):
+                ncc, pos = view.align_many(spectra)
+                better = ncc > per_row[rows]
+                per_row[rows[better]] = ncc[better]
+                starts[rows[better]] = np.asarray(phase) + pos[better] * f
+        starts = np.minimum(starts, np.asarray(limits))
+        best: dict[str, Located] = {}
+        for row in np.argsort(-per_row, kind="stable").tolist():
+            pid = self._patient_of[row]
+            if pid not in best and per_row[row] > -2.0:
+                best[pid] = Located(
+                    pid, self._ordinals[row], tuple(int(x) for x in starts[row]), float(per_row[row])
+                )  # type: ignore[arg-type]
+                if len(best) == n:
+                    break
+        return list(best.values())
+
+    def _located_spectra(self, block_shape: tuple[int, ...]) -> list[tuple[np.ndarray, TemplateSpectra]]:
+        """The block templates grouped by mask, as spectra for views of ``block_shape``.
+
+        Kept for the last shape seen when they fit in :data:`LOCATE_CACHE_BYTES` (a generate run's
+        candidates share one shape), made again per candidate otherwise.
+        """
+        if self._spectra is not None and self._spectra[0] == block_shape:
+            return self._spectra[1]
+        groups: dict[bytes, list[int]] = {}
+        blocks = self._block_templates()
+        for row, (tmpl, tmask) in enumerate(blocks):
+            if all(t <= b for t, b in zip(tmpl.shape, block_shape, strict=True)):
+                groups.setdefault(np.packbits(tmask).tobytes() + repr(tmask.shape).encode(), []).append(row)
+        out = []
+        for rows in groups.values():
+            for i in range(0, len(rows), LOCATE_BATCH):
+                part = np.asarray(rows[i : i + LOCATE_BATCH])
+                stack = np.stack([blocks[r][0] for r in part])
+                out.append((part, template_spectra(stack, blocks[int(part[0])][1], block_shape)))
+        size = sum(sp.xt.nbytes + sp.xt2.nbytes for _, sp in out)
+        if size <= LOCATE_CACHE_BYTES:
+            self._spectra = (block_shape, out)
+        return out
+
+    def _block_templates(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every stored grid at :data:`VOXEL_FACTOR`-block resolution with its mask (made once)."""
+        if self._blocks is None:
+            self._blocks = []
+            for stored in self._grids:
+                valid = np.isfinite(stored)
+                self._blocks.append(
+                    block_view(np.where(valid, stored, 0).astype(np.float32), valid, VOXEL_FACTOR)
+                )
+        return self._blocks
 
     def view(self, volume: Volume) -> View:
         """The candidate ``volume`` with :attr:`max_shift` voxels of its own context."""

@@ -15,7 +15,12 @@ recorded as :attr:`gate.domain.Domain.window_fov_mm`), the candidate is judged o
 3. every window is embedded and searched; the :data:`REFINE_TOP` best windows (by their nearest
    patient) are refined by coordinate descent over shifts of :data:`REFINE_STEPS` grid
    fractions, so a copy sitting between two lattice positions is met almost aligned;
-4. the candidate's neighbours are the patient-level maximum over every window judged.
+4. the candidate's neighbours are the patient-level maximum over every window judged;
+5. on a verifying index, a localisation channel that learns nothing
+   (:meth:`gate.verify.Verifier.locate`) slides every stored training grid's block means over
+   the whole candidate and adds the :data:`gate.verify.LOCATE_K` best patients, each searched
+   with its exact cosine and verified at the window where it fits, so a copy the encoder's
+   windows never retrieve is still checked against its source.
 
 Pure numpy + scipy (``gate check`` needs no torch); the embedding and the search are passed in,
 so the local engine, the Python API and the benchmark run the same function.
@@ -29,10 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import gate.verify as _verify
 from gate.errors import DomainError, IntegrityError
 from gate.preprocess import PreprocessConfig, normalize_for, resample, shifted, to_canonical
 from gate.values import Neighbours, Volume, merge_neighbours
-from gate.verify import Verifier, View
+from gate.verify import Located, Verifier, View
 
 STRIDE_FRACTION = 0.25
 """Lattice stride as a fraction of the grid per axis (8x12x8 voxels for 32x48x32): a copy is at
@@ -161,8 +167,10 @@ def cut(base: Volume, start: Sequence[int], grid: Sequence[int]) -> Volume:
     return shifted(base, data, start)
 
 
-Judge = Callable[[list[np.ndarray]], list[Neighbours]]
-"""Embed and search preprocessed grid-sized windows (float32, shape ``config.grid``), in order."""
+Judge = Callable[[list[np.ndarray], Sequence[Sequence[str]]], list[Neighbours]]
+"""Embed and search preprocessed grid-sized windows (float32, shape ``config.grid``), in order,
+plus per window the named patients with their exact cosine (``include`` of
+:meth:`gate.index.TrainingIndex.search_many`; empty for a lattice window)."""
 
 
 def margin_view(base: Volume, start: Sequence[int], config: PreprocessConfig, margin: int) -> View:
@@ -193,26 +201,76 @@ def verify_windows(
     merged: Neighbours,
     config: PreprocessConfig,
     verifier: Verifier,
+    located: dict[str, tuple[tuple[int, int, int], Neighbours]] | None = None,
 ) -> Neighbours:
-    """``merged`` with each patient verified on the window where that patient scored highest."""
+    """``merged`` with each patient verified on the window where that patient scored highest.
+
+    A patient the localisation channel placed (``located``: its window and that window's search
+    answer, which holds it) is verified there too; its verified score is the better of the two.
+    """
     views: dict[tuple[int, int, int], View] = {}
+    located = located or {}
+
+    def verified_at(pid: str, s: tuple[int, int, int], nb: Neighbours) -> float:
+        i = nb.patient_ids.index(pid)
+        if not nb.matched:
+            raise IntegrityError(f"{base.source}: verification found no matched window for a neighbour")
+        if s not in views:
+            views[s] = margin_view(base, s, config, verifier.max_shift)
+        single = Neighbours((pid,), nb.similarities[i : i + 1], matched=(nb.matched[i],))
+        verified = verifier.verify(single, views[s]).verified
+        return float(verified[0]) if verified is not None else -1.0
+
     scores = []
     for pid in merged.patient_ids:
-        best_s, best_i, best_sim = None, 0, -2.0
+        tries: list[tuple[tuple[int, int, int], Neighbours]] = []
+        best_sim = -2.0
         for s, nb in found.items():
             if pid in nb.patient_ids:
-                i = nb.patient_ids.index(pid)
-                if nb.similarities[i] > best_sim:
-                    best_s, best_i, best_sim = s, i, float(nb.similarities[i])
-        if best_s is None or not found[best_s].matched:
+                sim = float(nb.similarities[nb.patient_ids.index(pid)])
+                if sim > best_sim:
+                    tries, best_sim = [(s, nb)], sim
+        if pid in located:
+            tries.append(located[pid])
+        if not tries:
             raise IntegrityError(f"{base.source}: verification found no matched window for a neighbour")
-        nb = found[best_s]
-        if best_s not in views:
-            views[best_s] = margin_view(base, best_s, config, verifier.max_shift)
-        single = Neighbours((pid,), nb.similarities[best_i : best_i + 1], matched=(nb.matched[best_i],))
-        verified = verifier.verify(single, views[best_s]).verified
-        scores.append(float(verified[0]) if verified is not None else -1.0)
+        scores.append(max(verified_at(pid, s, nb) for s, nb in tries))
     return dataclasses.replace(merged, verified=np.asarray(scores, dtype=np.float64))
+
+
+def locate_patients(
+    base: Volume, config: PreprocessConfig, judge: Judge, verifier: Verifier, n: int | None = None
+) -> dict[str, tuple[tuple[int, int, int], Neighbours]]:
+    """The localisation channel's patients, each with its window's search answer (which holds it).
+
+    Args:
+        base: the candidate oriented and resampled (:func:`oriented`), raw intensities.
+        config: the index's preprocessing.
+        judge: embeds and searches windows (:data:`Judge`).
+        verifier: the index's verifier (:meth:`gate.verify.Verifier.locate`).
+        n: patients located (default :data:`gate.verify.LOCATE_K`; 0 turns the channel off).
+
+    Returns:
+        Per located patient, the start of the window where it fits and that window's answer.
+
+    """
+    n = _verify.LOCATE_K if n is None else n
+    if n <= 0:
+        return {}
+    image = normalize_for(base, config).data
+    found: list[Located] = verifier.locate(image, np.ones(image.shape, dtype=bool), n)
+    if not found:
+        return {}
+    views = [normalize_for(cut(base, loc.start, config.grid), config).data for loc in found]
+    answers = judge(views, [(loc.patient_id,) for loc in found])
+    out: dict[str, tuple[tuple[int, int, int], Neighbours]] = {}
+    for loc, nb in zip(found, answers, strict=True):
+        if loc.patient_id not in nb.patient_ids:
+            raise IntegrityError(
+                f"{base.source}: the search did not answer patient {loc.patient_id} it was asked for"
+            )
+        out[loc.patient_id] = (loc.start, nb)
+    return out
 
 
 def judge_windows(
@@ -225,8 +283,10 @@ def judge_windows(
         config: the index's (encoder's) preprocessing; ``fov`` must be ``crop``.
         judge: embeds and searches a list of windows (:data:`Judge`).
         k: neighbours kept (the policy's ``k``).
-        verifier: a verifying index's verification: each reported patient is then verified on
-            the window where it scored highest (:func:`verify_windows`).
+        verifier: a verifying index's verification: the localisation channel's patients are
+            added (:func:`locate_patients`) and each reported patient is verified on the window
+            where it scored highest, and a located one also where it fits
+            (:func:`verify_windows`).
 
     Returns:
         The patient-level maximum over every window, the window count and the best window.
@@ -255,7 +315,7 @@ def judge_windows(
         for i in range(0, len(new), VISIT_BATCH):  # bounded memory: one batch of views at a time
             part = new[i : i + VISIT_BATCH]
             views = [normalize_for(cut(base, s, grid), config).data for s in part]
-            for s, nb in zip(part, judge(views), strict=True):
+            for s, nb in zip(part, judge(views, [()] * len(views)), strict=True):
                 found[s] = nb
 
     def top1(s: tuple[int, int, int]) -> float:
@@ -303,7 +363,10 @@ def judge_windows(
                 break
             best = nxt
     best_start = max(found, key=top1)
-    merged = merge_neighbours(list(found.values()), k)
-    if verifier is not None:
-        merged = verify_windows(base, found, merged, config, verifier)
-    return WindowResult(merged, len(found), best_start)
+    if verifier is None:
+        return WindowResult(merge_neighbours(list(found.values()), k), len(found), best_start)
+    located = locate_patients(base, config, judge, verifier)
+    parts = [*found.values(), *(nb for _, nb in located.values())]
+    merged = merge_neighbours(parts, k, tuple(located))
+    merged = verify_windows(base, found, merged, config, verifier, located)
+    return WindowResult(merged, len(found) + len(located), best_start)

@@ -260,3 +260,83 @@ def test_merge_keeps_named_patients_beyond_k() -> None:
     )
     m = merge_neighbours([a], 2, keep=("p-0000000000000003", "p-00000000000000ff"))
     assert m.patient_ids == ("p-0000000000000000", "p-0000000000000001", "p-0000000000000003")
+
+
+def _placed(volume: Volume, corner: tuple[int, int, int]) -> Volume:
+    """A training volume pasted into an 80x112x80 mm tissue-like field at ``corner`` (1 mm, RAS)."""
+    from gate.preprocess import to_canonical
+    from tests.test_domain import paste
+
+    data = paste(to_canonical(volume).data.astype(np.float32), (80, 112, 80), corner, "tissue")
+    return Volume(data, np.eye(4), (1.0, 1.0, 1.0), "placed", "p-ffffffffffffffff")
+
+
+def test_locate_finds_where_a_training_volume_sits_in_a_larger_field(hippo: list[Volume]) -> None:
+    from gate.preprocess import normalize_for
+    from gate.windows import margin_view, oriented
+
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    for source, corner in ((4, (37, 9, 33)), (1, (3, 57, 2))):
+        base = oriented(_placed(hippo[source], corner), CFG)
+        image = normalize_for(base, CFG).data
+        found = verifier.locate(image, np.ones(image.shape, bool), n=3)
+        assert len(found) == 3 and found[0].patient_id == pids[source]
+        assert found[0].ncc > found[1].ncc + 0.03
+        nb = Neighbours((pids[source],), np.asarray([0.5]), matched=((found[0].volume, 0),))
+        out = verifier.verify(nb, margin_view(base, found[0].start, CFG, S))
+        assert out.verified is not None and out.verified[0] > 0.98  # the placement is within the shifts
+    small = np.zeros((20, 30, 20), np.float32)  # shorter than the grid: padded, never an error
+    assert len(verifier.locate(small + 0.5, np.ones(small.shape, bool), n=2)) == 2
+
+
+def test_judge_windows_verifies_a_source_the_windows_never_retrieve(hippo: list[Volume]) -> None:
+    """A search that never ranks the source on any window: the localisation channel brings it in."""
+    from gate.windows import judge_windows
+
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    source = pids[3]
+    others = tuple(p for p in pids if p != source)
+    asked: list[tuple[str, ...]] = []
+
+    def judge(views: list[np.ndarray], include: list[tuple[str, ...]]) -> list[Neighbours]:
+        out = []
+        for inc in include:
+            asked.append(tuple(inc))
+            extra = tuple(p for p in inc if p not in others)
+            ids = others + extra
+            sims = np.concatenate([np.linspace(0.95, 0.9, len(others)), np.full(len(extra), 0.1)])
+            out.append(Neighbours(ids, sims, matched=tuple((0, 0) for _ in ids)))
+        return out
+
+    result = judge_windows(_placed(hippo[3], (40, 20, 11)), CFG, judge, 3, verifier)
+    nb = result.neighbours
+    assert any(source in a for a in asked)
+    assert nb.verified is not None and nb.verified_patient_id == source
+    assert float(nb.verified[nb.patient_ids.index(source)]) > 0.98
+    assert (
+        float(nb.verified[nb.patient_ids.index(source)])
+        > float(np.delete(nb.verified, nb.patient_ids.index(source)).max()) + 0.1
+    )
+    assert float(nb.similarities[nb.patient_ids.index(source)]) == pytest.approx(0.1)  # the search's cosine
+    unverified = judge_windows(_placed(hippo[3], (40, 20, 11)), CFG, judge, 3)
+    assert source not in unverified.neighbours.patient_ids  # without a verifier nothing is located
+
+
+def test_align_many_agrees_with_align() -> None:
+    view = verify.View(_smooth(4, (20, 28, 20)), np.ones((20, 28, 20), bool))
+    mask = np.ones((8, 12, 8), bool)
+    mask[:, :2] = False  # a padded template
+    templates = np.stack(
+        [_smooth(10 + i, (8, 12, 8)) for i in range(3)] + [_smooth(4, (20, 28, 20))[5:13, 9:21, 3:11]]
+    )
+    ncc, pos = view.align_many(verify.template_spectra(templates, mask, view.shape))
+    for i, t in enumerate(templates):
+        one = view.align(t, mask)
+        assert ncc[i] == pytest.approx(one.ncc, abs=1e-5)
+        margin = [(v - s) // 2 for v, s in zip(view.shape, t.shape, strict=True)]
+        assert tuple(pos[i]) == tuple(m + s for m, s in zip(margin, one.shift, strict=True))
+    assert ncc[3] > 0.999 and tuple(pos[3]) == (5, 9, 3)

@@ -8,6 +8,7 @@ built without it and by a path that cannot run windows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -165,9 +166,9 @@ def test_windows_find_the_copy_the_centre_crop_misses(windowed_index: dict[str, 
         paste(source.data, PARTIAL_FOV, (41, 5, 39), "tissue"), source.affine, (1.0, 1.0, 1.0), "m", "x"
     )
 
-    def judge(views: list[np.ndarray]) -> list[Neighbours]:
+    def judge(views: list[np.ndarray], include: Sequence[Sequence[str]]) -> list[Neighbours]:
         probes = embed_grids(views, encoder, ["m"] * len(views))
-        return index.search_many([p.embedding for p in probes], [p.voxel_sha256 for p in probes], 5)
+        return index.search_many([p.embedding for p in probes], [p.voxel_sha256 for p in probes], 5, include)
 
     result = judge_windows(placed, encoder.preprocess, judge, 5)
     assert result.neighbours.patient_ids[0] == source.patient_id

@@ -24,7 +24,7 @@ Perturbations act on the preprocessed grid (in [0, 1]) and the result goes throu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -948,13 +948,18 @@ class ExactPatientSearch:
 
         self._ordinals = volume_ordinals(self._pids[::n_poses])
 
-    def neighbours(self, queries: np.ndarray, k: int) -> list[Any]:
-        """(M, D) unit vectors -> M :class:`gate.values.Neighbours` (with the matched rows)."""
+    def neighbours(self, queries: np.ndarray, k: int, include: Sequence[Sequence[str]] = ()) -> list[Any]:
+        """(M, D) unit vectors -> M :class:`gate.values.Neighbours` (with the matched rows).
+
+        ``include``: per query, patients answered after the ``k`` with their exact cosine.
+        """
         from gate.verify import exact_neighbours
 
         q = queries.astype(np.float32)
+        inc = list(include) or [()] * len(q)
         return [
-            exact_neighbours(row, self._vectors, self._pids, self._n_poses, self._ordinals, k) for row in q
+            exact_neighbours(row, self._vectors, self._pids, self._n_poses, self._ordinals, k, None, i)
+            for row, i in zip(q, inc, strict=True)
         ]
 
 
@@ -1035,10 +1040,10 @@ def partial_copy_family(
         verifier = Verifier(grids, [v.patient_id for v in train_raw], poses, cfg, MAX_SHIFT_VOX)
     k = VERIFY_K if verify else 1
 
-    def judge(views: list[np.ndarray]) -> list[Any]:
+    def judge(views: list[np.ndarray], include: Sequence[Sequence[str]]) -> list[Any]:
         parts = [embed(np.stack(views[i : i + 64])[:, None]) for i in range(0, len(views), 64)]
         vectors = np.concatenate(parts)
-        return search.neighbours(vectors, k)
+        return search.neighbours(vectors, k, include)
 
     placed_train = train_raw[positives]
     result: dict[str, Any] = {

@@ -247,13 +247,13 @@ def search_items(
     found = iter(searched)
 
     def views_judge(source: str, depth: int) -> Callable[[list[np.ndarray]], list[Neighbours]]:
-        def judge_views(views: list[np.ndarray]) -> list[Neighbours]:
+        def judge_views(views: list[np.ndarray], include: Sequence[Sequence[str]]) -> list[Neighbours]:
             view_probes = []
             for i in range(0, len(views), WINDOW_BATCH):
                 part = views[i : i + WINDOW_BATCH]
                 view_probes.extend(embed_grids(part, engine.encoder, [source] * len(part)))
             return index.search_many(
-                [p.embedding for p in view_probes], [p.voxel_sha256 for p in view_probes], k=depth
+                [p.embedding for p in view_probes], [p.voxel_sha256 for p in view_probes], depth, include
             )
 
         return judge_views
