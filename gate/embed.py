@@ -37,6 +37,13 @@ EMBED_BATCH = 32
 """Volumes per onnxruntime call: 32 x 32x48x32 float32 = 6 MiB of input; larger batches gain
 nothing measurable on CPU (see bench/embed_speed.py)."""
 
+MIN_RUN_BATCH = 2
+"""No onnxruntime call runs fewer volumes than this: a lone volume is run beside a copy of itself.
+onnxruntime 1.32 (CPU) gives a volume embedded alone an embedding up to 4.5e-8 away from the same
+volume in any batch of 2-32 (identical to each other, whatever the companions), so the same
+candidate's cosine depended on how many others were judged with it (a report differed between
+chunkings in the 1e-7 digit). The extra copy costs one embedding (0.66 ms at 32x48x32)."""
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -229,10 +236,7 @@ class Encoder:
             raise UsageError("encoder input contains NaN or infinite values")
         if len(x) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = [
-            self._session.run(None, {self._input: x[i : i + EMBED_BATCH]})[0]
-            for i in range(0, len(x), EMBED_BATCH)
-        ]
+        parts = [self._run(x[i : i + EMBED_BATCH]) for i in range(0, len(x), EMBED_BATCH)]
         out = np.concatenate(parts).astype(np.float32, copy=False)
         if out.shape != (len(x), self.dim) or not np.isfinite(out).all():
             raise IntegrityError(
@@ -241,6 +245,13 @@ class Encoder:
             )
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """One onnxruntime call on (n, 1, X, Y, Z), padded to :data:`MIN_RUN_BATCH` by repeats."""
+        n = len(x)
+        if n < MIN_RUN_BATCH:
+            x = np.concatenate([x] * -(-MIN_RUN_BATCH // n))[:MIN_RUN_BATCH]
+        return np.asarray(self._session.run(None, {self._input: x})[0])[:n]
 
     def embed(self, volumes: list[Volume]) -> list[Embedding]:
         """Preprocess and embed volumes (in batches of :data:`EMBED_BATCH`).

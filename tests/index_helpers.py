@@ -55,7 +55,9 @@ class ProjectionEncoder:
     def embed_array(self, batch: np.ndarray) -> np.ndarray:
         flat = batch.reshape(len(batch), -1)
         flat = flat - flat.mean(axis=1, keepdims=True)
-        out = flat @ self._proj
+        # one product per row: a (N, D) @ (D, K) matmul rounds a row differently for different N
+        # (OpenBLAS kernels), and a volume's embedding must not depend on its batch (gate.embed)
+        out = np.stack([row @ self._proj for row in flat]) if len(flat) else flat @ self._proj
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 

@@ -159,3 +159,15 @@ def test_shipped_encoder_loads() -> None:
     assert enc.manifest.parity["max_abs_diff"] <= enc.manifest.parity["tolerance"]
     x = np.random.default_rng(0).random((3, 1, *enc.preprocess.grid)).astype(np.float32)
     np.testing.assert_allclose(np.linalg.norm(enc.embed_array(x), axis=1), 1.0, atol=1e-5)
+
+
+def test_shipped_encoder_gives_a_volume_the_same_embedding_whatever_it_is_batched_with() -> None:
+    """Bitwise: alone, in a batch of 2 or 5, or at the end of a 33-volume run (32 + 1)."""
+    if not (DEFAULT_ENCODER_DIR / "encoder.json").is_file():
+        pytest.skip("no shipped encoder yet")
+    enc = Encoder(device="cpu")
+    x = np.random.default_rng(3).random((33, 1, *enc.preprocess.grid)).astype(np.float32)
+    alone = enc.embed_array(x[32:])
+    np.testing.assert_array_equal(enc.embed_array(x[[32, 0]])[:1], alone)
+    np.testing.assert_array_equal(enc.embed_array(x[[1, 2, 3, 4, 32]])[4:], alone)
+    np.testing.assert_array_equal(enc.embed_array(x)[32:], alone)
