@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -142,6 +143,41 @@ def test_large_candidates_are_refused_by_the_shipped_index(
             == 4
         )
         assert "found 256x256x160 voxels at 1x1x1 mm = 256x256x160 mm" in result.output
+
+
+PARTIAL_FOV = (80, 112, 80)
+"""A field of view 2-3x the hippocampus crops per axis, inside the shipped index's window field of view."""
+
+
+@pytest.mark.realdata
+def test_partial_copies_are_rejected_by_the_shipped_index(
+    hippocampus_dir: Path, tmp_path: Path, shipped_models: None
+) -> None:
+    """hippocampus_001 (indexed) pasted into a larger field of view is judged on windows and rejected."""
+    from gate.identity import Pseudonymizer, load_or_create_key
+    from gate.report import DEMO_KEY_FILE
+    from gate.volume import ReadOptions, read_volumes
+
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    path = hippocampus_dir / "hippocampus_001.nii.gz"
+    (source,) = read_volumes(path, ReadOptions(Pseudonymizer(key=load_or_create_key(DEMO_KEY_FILE))))
+    data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    cases = {"centre": (None, "zero"), "offset": ((44, 3, 41), "zero"), "tissue": ((2, 60, 37), "tissue")}
+    for name, (corner, background) in cases.items():
+        pasted = paste(data, PARTIAL_FOV, corner, background)
+        nib.save(nib.Nifti1Image(pasted, np.eye(4)), cand / f"pasted_{name}.nii.gz")
+    for policy in ("strict", "standard"):
+        log = tmp_path / f"{policy}.jsonl"
+        result = CliRunner(env={"GATE_AUDIT_LOG": str(log)}).invoke(
+            main, ["check", str(cand), "--policy", policy, "--device", "cpu"]
+        )
+        assert result.exit_code == 1, result.output
+        assert "checked 3: 0 pass, 0 flag, 3 reject" in result.output, result.output
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [r["grade"] for r in records] == ["duplicate"] * 3
+        assert {r["verified_patient_id"] for r in records} == {source.patient_id}
+        assert min(r["verified"] for r in records) > 0.95
 
 
 def test_verify_bundle_refuses_samples_outside_the_index_domain(tmp_path: Path) -> None:
