@@ -117,6 +117,18 @@ def paste(
     return out.astype(np.float32)
 
 
+Placements = dict[str, tuple[tuple[int, int, int] | None, str]]
+"""Candidate name -> (corner or None for centred, background) for :func:`write_pasted`."""
+
+
+def write_pasted(data: np.ndarray, fov: tuple[int, int, int], cases: Placements, folder: Path) -> None:
+    """Write ``pasted_<name>.nii.gz`` (1 mm, identity affine) into ``folder`` for every placement."""
+    folder.mkdir(exist_ok=True)
+    for name, (corner, background) in cases.items():
+        pasted = paste(data, fov, corner, background)
+        nib.save(nib.Nifti1Image(pasted, np.eye(4)), folder / f"pasted_{name}.nii.gz")
+
+
 @pytest.mark.realdata
 def test_large_candidates_are_refused_by_the_shipped_index(
     hippocampus_dir: Path, tmp_path: Path, shipped_models: None
@@ -129,10 +141,10 @@ def test_large_candidates_are_refused_by_the_shipped_index(
     nib.save(
         nib.Nifti1Image(rng.normal(50, 10, LARGE_FOV).astype(np.float32), np.eye(4)), cand / "head.nii.gz"
     )
-    cases = {"centre": (None, "zero"), "offset": ((30, 170, 90), "zero"), "tissue": ((120, 40, 20), "tissue")}
-    for name, (corner, background) in cases.items():
-        pasted = paste(data, LARGE_FOV, corner, background)
-        nib.save(nib.Nifti1Image(pasted, np.eye(4)), cand / f"pasted_{name}.nii.gz")
+    cases: Placements = {
+        "centre": (None, "zero"), "offset": ((30, 170, 90), "zero"), "tissue": ((120, 40, 20), "tissue")
+    }  # fmt: skip
+    write_pasted(data, LARGE_FOV, cases, cand)
     shutil.copy(hippocampus_dir / "hippocampus_001.nii.gz", cand / "copy.nii.gz")
     for policy in ("strict", "standard"):
         result = CliRunner().invoke(main, ["check", str(cand), "--policy", policy, "--device", "cpu"])
@@ -159,14 +171,13 @@ def test_partial_copies_are_rejected_by_the_shipped_index(
     from gate.volume import ReadOptions, read_volumes
 
     cand = tmp_path / "cand"
-    cand.mkdir()
     path = hippocampus_dir / "hippocampus_001.nii.gz"
     (source,) = read_volumes(path, ReadOptions(Pseudonymizer(key=load_or_create_key(DEMO_KEY_FILE))))
     data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    cases = {"centre": (None, "zero"), "offset": ((44, 3, 41), "zero"), "tissue": ((2, 60, 37), "tissue")}
-    for name, (corner, background) in cases.items():
-        pasted = paste(data, PARTIAL_FOV, corner, background)
-        nib.save(nib.Nifti1Image(pasted, np.eye(4)), cand / f"pasted_{name}.nii.gz")
+    cases: Placements = {
+        "centre": (None, "zero"), "offset": ((44, 3, 41), "zero"), "tissue": ((2, 60, 37), "tissue")
+    }  # fmt: skip
+    write_pasted(data, PARTIAL_FOV, cases, cand)
     for policy in ("strict", "standard"):
         log = tmp_path / f"{policy}.jsonl"
         result = CliRunner(env={"GATE_AUDIT_LOG": str(log)}).invoke(
