@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,11 @@ EMBED_BATCH = 32
 """Volumes per onnxruntime call: 32 x 32x48x32 float32 = 6 MiB of input; larger batches gain
 nothing measurable on CPU (see bench/embed_speed.py)."""
 
+EMBED_BATCH_VOXELS = EMBED_BATCH * 32 * 48 * 32
+"""Input voxels per onnxruntime call (32 grids of the default 32x48x32): larger grids run fewer
+per call (:func:`run_batch`). At 128x128x80, 32 per call held 3.2 GB for 5 candidates in
+`gate check` (bench/large_volumes.py, 2026-12-03); the activations grow with the batch."""
+
 MIN_RUN_BATCH = 2
 """No onnxruntime call runs fewer volumes than this: a lone volume is run beside a copy of itself.
 onnxruntime 1.32 (CPU) gives a volume embedded alone an embedding up to 4.5e-8 away from the same
@@ -48,6 +54,15 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+def run_batch(grid: Sequence[int]) -> int:
+    """Grids of shape ``grid`` per onnxruntime call.
+
+    :data:`EMBED_BATCH` within :data:`EMBED_BATCH_VOXELS`, never fewer than :data:`MIN_RUN_BATCH`.
+    """
+    voxels = max(1, int(np.prod([int(g) for g in grid])))
+    return max(MIN_RUN_BATCH, min(EMBED_BATCH, EMBED_BATCH_VOXELS // voxels))
 
 
 class EncoderManifest(BaseModel):
@@ -236,7 +251,8 @@ class Encoder:
             raise UsageError("encoder input contains NaN or infinite values")
         if len(x) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = [self._run(x[i : i + EMBED_BATCH]) for i in range(0, len(x), EMBED_BATCH)]
+        step = run_batch(grid)
+        parts = [self._run(x[i : i + step]) for i in range(0, len(x), step)]
         out = np.concatenate(parts).astype(np.float32, copy=False)
         if out.shape != (len(x), self.dim) or not np.isfinite(out).all():
             raise IntegrityError(

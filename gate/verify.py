@@ -156,6 +156,7 @@ class View:
         self._spec = tuple(fft.rfftn(a, self.shape) for a in (m, x, x * x))
         self._by_mask: dict[bytes, tuple[np.ndarray, ...]] = {}
         self._coarse: View | None = None
+        self._reduced: dict[int, View] = {}
 
     def _corr(self, a: np.ndarray, b: np.ndarray, tshape: tuple[int, ...]) -> np.ndarray:
         valid = tuple(slice(t - 1, f) for t, f in zip(tshape, self.shape, strict=True))
@@ -176,6 +177,12 @@ class View:
         if self._coarse is None:
             self._coarse = View(_half(self.image * self.mask), _half(self.mask.astype(np.float32)) >= 0.5)
         return self._coarse
+
+    def reduced(self, f: int) -> View:
+        """This view at ``1/f`` resolution (:func:`block_view`; kept for the next call)."""
+        if f not in self._reduced:
+            self._reduced[f] = View(*block_view(self.image, self.mask, f))
+        return self._reduced[f]
 
     def align(self, template: np.ndarray, template_mask: np.ndarray) -> Aligned:
         """Best masked NCC of ``template`` over every integer placement inside this view.
@@ -569,6 +576,23 @@ def refine_rotation(
     return angles[0], angles[1], angles[2]
 
 
+VERIFY_MAX_VOXELS = 131_072
+"""Voxels verification aligns at most per grid: a larger grid is aligned at ``1/f`` resolution
+(``f``-block means, :func:`verify_factor`), the same way at build time (calibration) and at check
+time. At the 32x48x32 default (49,152 voxels) nothing changes. At 128x128x80 (a 256x256x160 mm
+head at 2 mm) verification at full resolution took 1.65 s of a 3.7 s candidate with 8 training
+patients, most of it in turning the refined patients' 1.3M-voxel grids (bench/large_volumes.py,
+2026-12-03); at ``f`` = 3 it aligns 42x42x26 blocks, the default grid's cost."""
+
+
+def verify_factor(grid: Sequence[int]) -> int:
+    """The smallest block size ``f`` that leaves at most :data:`VERIFY_MAX_VOXELS` of ``grid``."""
+    f = 1
+    while int(np.prod([max(1, int(g) // f) for g in grid])) > VERIFY_MAX_VOXELS:
+        f += 1
+    return f
+
+
 class Verifier:
     """The training grids of one index (or shard set), aligned to candidates on request.
 
@@ -592,6 +616,7 @@ class Verifier:
         if len(grids) != len(patient_ids):
             raise ValueError(f"{len(grids)} grids for {len(patient_ids)} patient ids")
         self.poses, self.config, self.max_shift = poses, config, max_shift
+        self.factor = verify_factor(config.grid)
         self._grids = list(grids)
         self._volumes: dict[str, list[int]] = {}
         for i, pid in enumerate(patient_ids):
@@ -760,6 +785,8 @@ class Verifier:
             raise IntegrityError(
                 "verification needs the matched index rows of every neighbour; the search returned none"
             )
+        if self.factor > 1:
+            view = view.reduced(self.factor)
         coarse = view.coarse()
         scores: list[float] = []
         found: list[tuple[float, int, int, bool, tuple[float, float, float], Aligned]] = []
@@ -793,12 +820,17 @@ class Verifier:
             pid = neighbours.patient_ids[i]
             grid_c, mask_c = self._coarse_template(pid, volume)
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
-            grid, mask = self.template(pid, volume)
+            grid, mask = self._aligned_template(pid, volume)
             scores[i] = view.align(*_turned(grid, mask, flip, turn)).ncc
         return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
 
-    def _coarse_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
+    def _aligned_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`template` at the resolution verification aligns (:attr:`factor`)."""
         grid, mask = self.template(patient_id, volume)
+        return block_view(grid, mask, self.factor) if self.factor > 1 else (grid, mask)
+
+    def _coarse_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
+        grid, mask = self._aligned_template(patient_id, volume)
         return _half(grid * mask), _half(mask.astype(np.float32)) >= 0.5
 
 
@@ -931,8 +963,9 @@ def retrieve_and_verify(
     n = len(QUERY_SHIFTS_VOX) + 1
     voxel: list[tuple[str, ...]] = []
     found: list[Neighbours] = []
-    for start in range(0, len(views), QUERY_BATCH):  # windows cut once per batch, for both channels
-        part = views[start : start + QUERY_BATCH]
+    step = query_batch(grid)
+    for start in range(0, len(views), step):  # windows cut once per batch, for both channels
+        part = views[start : start + step]
         cut = [search_windows(v, grid) for v in part]
         channel = [verifier.voxel_patients(v, windows=w) for v, w in zip(part, cut, strict=True)]
         voxel.extend(channel)
@@ -961,7 +994,18 @@ def reported(nb: Neighbours, k: int) -> Neighbours:
 
 
 QUERY_BATCH = 16
-"""Candidates whose shifted views are embedded together (16 x 14 x 32x48x32 float32 = 44 MB)."""
+"""Candidates whose shifted views are embedded together (16 x 14 x 32x48x32 float32 = 44 MB);
+fewer on a larger grid (:func:`query_batch`)."""
+
+
+def query_batch(grid: Sequence[int]) -> int:
+    """Candidates per batch of :func:`retrieve_and_verify` on ``grid``.
+
+    The windows of :data:`QUERY_BATCH` candidates at 32x48x32 in voxels, at least one candidate
+    (a 128x128x80 grid: one, its 15 windows 79 MB).
+    """
+    voxels = max(1, int(np.prod([int(g) for g in grid])))
+    return max(1, QUERY_BATCH * 32 * 48 * 32 // voxels)
 
 
 def verify_all(

@@ -171,3 +171,11 @@ def test_shipped_encoder_gives_a_volume_the_same_embedding_whatever_it_is_batche
     np.testing.assert_array_equal(enc.embed_array(x[[32, 0]])[:1], alone)
     np.testing.assert_array_equal(enc.embed_array(x[[1, 2, 3, 4, 32]])[4:], alone)
     np.testing.assert_array_equal(enc.embed_array(x)[32:], alone)
+
+
+def test_run_batch_bounds_voxels_per_call() -> None:
+    from gate.embed import EMBED_BATCH, MIN_RUN_BATCH, run_batch
+
+    assert run_batch((32, 48, 32)) == EMBED_BATCH
+    assert run_batch((64, 64, 48)) == 8
+    assert run_batch((128, 128, 80)) == MIN_RUN_BATCH  # never one alone (same embedding in any batch)

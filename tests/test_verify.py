@@ -340,3 +340,31 @@ def test_align_many_agrees_with_align() -> None:
         margin = [(v - s) // 2 for v, s in zip(view.shape, t.shape, strict=True)]
         assert tuple(pos[i]) == tuple(m + s for m, s in zip(margin, one.shift, strict=True))
     assert ncc[3] > 0.999 and tuple(pos[3]) == (5, 9, 3)
+
+
+def test_verification_factor_keeps_the_default_grid_and_reduces_large_ones() -> None:
+    assert verify.verify_factor((32, 48, 32)) == 1
+    assert verify.verify_factor((80, 112, 80)) == 2  # 40x56x40 blocks
+    assert verify.verify_factor((128, 128, 80)) == 3  # 42x42x26 blocks
+    assert verify.verify_factor((128, 128, 112)) == 3
+    assert verify.query_batch((32, 48, 32)) == verify.QUERY_BATCH and verify.query_batch((128, 128, 80)) == 1
+
+
+def test_verify_on_a_large_grid_aligns_blocks_and_still_tells_the_copy(tmp_path: Path) -> None:
+    """At 96x96x64 (f = 2) a turned, blurred copy verifies near 1 and far above other patients."""
+    cfg = PreprocessConfig(grid=(96, 96, 64))
+    vols = [_vol(_smooth(10 + i, (96, 96, 64)), f"p-{i:016x}") for i in range(4)]
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, cfg, 0)) for v in vols]
+    pids = [v.patient_id for v in vols]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, cfg, S)
+    assert verifier.factor == 2
+    img, mask = verify.grid_with_mask(vols[0], cfg, S)
+    copy = ndimage.gaussian_filter(
+        apply_pose(img, Pose(rotate_deg=(0.0, 0.0, 6.0), translate_vox=(4.0, -2.0, 0.0))), 1.0
+    )
+    nb = Neighbours(patient_ids=tuple(pids), similarities=np.linspace(0.9, 0.8, 4), matched=((0, 0),) * 4)
+    view = verify.View(copy, mask)
+    out = verifier.verify(nb, view)
+    assert out.verified is not None and out.verified[0] > 0.95
+    assert out.verified[0] > out.verified[1:].max() + 0.2
+    assert 2 in view._reduced  # the alignment ran on the 2x2x2 block view
