@@ -36,15 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe import Data
 
 
-def _score(row: dict[str, Any], lopo_cos: np.ndarray, lopo_ver: np.ndarray) -> float:
-    """The benchmark's combined score (VerifiedScorer.score) from a row's cosine and NCC."""
-
-    def rank(r: np.ndarray, x: float) -> float:
-        return float(np.searchsorted(r, x, side="right") / len(r))
-
-    return max(rank(lopo_cos, row["cos"]), rank(lopo_ver, row["ver"])) + 1e-3 * max(row["cos"], row["ver"])
-
-
 def main() -> None:
     """Score, summarise, write the JSON."""
     from gate.copies import simulated_copies
@@ -86,9 +77,9 @@ def main() -> None:
                 row["source_verified"] = src in nb.patient_ids
                 row["pieces"] = [[p.family, p.severity] for p in bm.composite_draw(i, args.seed + 101 * fi)]
             rows.append(row)
-    lopo_cos, lopo_ver = (np.asarray(x) for x in sc._fitted["lopo"])
-    novel = np.array([_score(r, lopo_cos, lopo_ver) for r in rows if r["kind"] == "novel"])
-    pos = np.array([_score(r, lopo_cos, lopo_ver) for r in rows if r["kind"] == "composite"])
+    lopo_ver = np.asarray(sc._fitted["lopo"][1])
+    novel = np.array([sc.combine(r["cos"], r["ver"]) for r in rows if r["kind"] == "novel"])
+    pos = np.array([sc.combine(r["cos"], r["ver"]) for r in rows if r["kind"] == "composite"])
     nv, nt = bm.validation_split(len(novel), bm.VALIDATION_FRACTION, 0)
     pv, pt = bm.validation_split(len(pos), bm.VALIDATION_FRACTION, 1)
     thr = bm.validation_threshold(novel, nv)

@@ -493,8 +493,8 @@ def main() -> None:
         help="only (c), onnxruntime vs torch; replaces ort_vs_torch in an existing --out JSON",
     )
     args = ap.parse_args()
+    chosen = SIZES if args.sizes == "all" else [SIZES[int(i)] for i in args.sizes.split(",")]
     if args.ort_only:
-        chosen = SIZES if args.sizes == "all" else [SIZES[int(i)] for i in args.sizes.split(",")]
         kept = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
         print("onnxruntime vs torch, 2 threads:", flush=True)
         kept["ort_vs_torch"] = ort_vs_torch(
@@ -508,7 +508,6 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ["GATE_ID_KEY_FILE"] = str(args.work.resolve() / "pseudonym.key")
     log = args.work / "commands.log"
-    chosen = SIZES if args.sizes == "all" else [SIZES[int(i)] for i in args.sizes.split(",")]
     result: dict[str, object] = {
         "machine": f"{os.cpu_count()} CPUs (shared with other jobs during the run)",
         "python": sys.version.split()[0],

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gate.digest import sha256_bytes
 from gate.errors import IntegrityError, ProviderError, UsageError
-from gate.preprocess import PreprocessConfig, preprocess_batch
+from gate.preprocess import DEFAULT_GRID_VOXELS, PreprocessConfig, grid_voxels, preprocess_batch
 from gate.values import Embedding, Volume
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ EMBED_BATCH = 32
 """Volumes per onnxruntime call: 32 x 32x48x32 float32 = 6 MiB of input; larger batches gain
 nothing measurable on CPU (see bench/embed_speed.py)."""
 
-EMBED_BATCH_VOXELS = EMBED_BATCH * 32 * 48 * 32
+EMBED_BATCH_VOXELS = EMBED_BATCH * DEFAULT_GRID_VOXELS
 """Input voxels per onnxruntime call (32 grids of the default 32x48x32): larger grids run fewer
 per call (:func:`run_batch`). At 128x128x80, 32 per call held 3.2 GB for 5 candidates in
 `gate check` (bench/large_volumes.py, 2026-12-03); the activations grow with the batch."""
@@ -61,8 +61,7 @@ def run_batch(grid: Sequence[int]) -> int:
 
     :data:`EMBED_BATCH` within :data:`EMBED_BATCH_VOXELS`, never fewer than :data:`MIN_RUN_BATCH`.
     """
-    voxels = max(1, int(np.prod([int(g) for g in grid])))
-    return max(MIN_RUN_BATCH, min(EMBED_BATCH, EMBED_BATCH_VOXELS // voxels))
+    return max(MIN_RUN_BATCH, min(EMBED_BATCH, EMBED_BATCH_VOXELS // grid_voxels(grid)))
 
 
 class EncoderManifest(BaseModel):

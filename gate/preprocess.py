@@ -33,6 +33,15 @@ shape 35x50x36 (min 31x40x24, max 43x59x47): 32x48x32 keeps the median crop almo
 divisible by 8 (three 2x downsamplings in the encoder and the autoencoder) and costs 1.5x a
 32^3 cube."""
 
+
+def grid_voxels(grid: Sequence[int]) -> int:
+    """Voxels of one grid of shape ``grid`` (at least 1): what batch sizes are budgeted in."""
+    return max(1, int(np.prod([int(g) for g in grid])))
+
+
+DEFAULT_GRID_VOXELS = grid_voxels(DEFAULT_GRID)
+"""Voxels of the default grid (49,152): the unit the batch budgets of embedding and search use."""
+
 DEFAULT_SPACING_MM: tuple[float, float, float] = (1.0, 1.0, 1.0)
 """Target voxel size: the native spacing of the shared hippocampus set, so no resampling blur."""
 

@@ -32,7 +32,13 @@ from scipy import fft, ndimage
 from gate.calibration import Calibration, CalibrationMethod
 from gate.errors import IntegrityError
 from gate.poses import PoseSet, rotation_matrix
-from gate.preprocess import PreprocessConfig, preprocess_uncropped, with_margin
+from gate.preprocess import (
+    DEFAULT_GRID_VOXELS,
+    PreprocessConfig,
+    grid_voxels,
+    preprocess_uncropped,
+    with_margin,
+)
 from gate.values import Neighbours, Volume, merge_neighbours
 
 if TYPE_CHECKING:
@@ -217,7 +223,7 @@ class View:
     def coarse(self) -> View:
         """This view at half resolution (2x2x2 means; real where at least half of a block is)."""
         if self._coarse is None:
-            self._coarse = View(_half(self.image * self.mask), _half(self.mask.astype(np.float32)) >= 0.5)
+            self._coarse = View(*_half_template(self.image, self.mask))
         return self._coarse
 
     def content(self) -> View:
@@ -838,6 +844,8 @@ class Verifier:
         coarse = view.coarse()
         scores: list[float] = []
         found: list[tuple[float, int, int, bool, tuple[float, float, float], Aligned]] = []
+        # per patient: its grid at the aligned resolution and at half that, made once per call
+        templates: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = []
         for i, (pid, (volume, pose)) in enumerate(
             zip(neighbours.patient_ids, neighbours.matched, strict=True)
         ):
@@ -851,7 +859,9 @@ class Verifier:
                 trials.append((p.flip, p.rotate_deg))
             if not p.flip:
                 trials.append((True, (0.0, 0.0, 0.0)))  # a mirrored copy the encoder did not tell apart
-            grid_c, mask_c = self._coarse_template(pid, volume)
+            full = self._aligned_template(pid, volume)
+            templates.append((full, _half_template(*full)))
+            grid_c, mask_c = templates[-1][1]
             best: tuple[Aligned, bool, tuple[float, float, float]] | None = None
             for flip, angles in trials:
                 a = coarse.align(*_turned(grid_c, mask_c, flip, angles))
@@ -864,11 +874,9 @@ class Verifier:
         refine = sorted(found, key=lambda t: -t[0])[:REFINE_PATIENTS]
         chosen = {t[1] for t in refine}
         refine += [t for t in found[:REFINE_NEAREST] if t[1] not in chosen]  # found is in cosine order
-        for _, i, volume, flip, angles, aligned in refine:
-            pid = neighbours.patient_ids[i]
-            grid_c, mask_c = self._coarse_template(pid, volume)
+        for _, i, _, flip, angles, aligned in refine:
+            (grid, mask), (grid_c, mask_c) = templates[i]
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
-            grid, mask = self._aligned_template(pid, volume)
             turned = _turned(grid, mask, flip, turn)
             # the empty outside left out can only add evidence: a darkened copy whose dark
             # tissue would count as "outside" keeps the score of its whole grid
@@ -880,9 +888,10 @@ class Verifier:
         grid, mask = self.template(patient_id, volume)
         return block_view(grid, mask, self.factor) if self.factor > 1 else (grid, mask)
 
-    def _coarse_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
-        grid, mask = self._aligned_template(patient_id, volume)
-        return _half(grid * mask), _half(mask.astype(np.float32)) >= 0.5
+
+def _half_template(grid: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its mask at half resolution (2x2x2 means; real where at least half of a block is)."""
+    return _half(grid * mask), _half(mask.astype(np.float32)) >= 0.5
 
 
 def volume_ordinals(patient_ids: Sequence[str]) -> list[int]:
@@ -1055,8 +1064,7 @@ def query_batch(grid: Sequence[int]) -> int:
     The windows of :data:`QUERY_BATCH` candidates at 32x48x32 in voxels, at least one candidate
     (a 128x128x80 grid: one, its 15 windows 79 MB).
     """
-    voxels = max(1, int(np.prod([int(g) for g in grid])))
-    return max(1, QUERY_BATCH * 32 * 48 * 32 // voxels)
+    return max(1, QUERY_BATCH * DEFAULT_GRID_VOXELS // grid_voxels(grid))
 
 
 def verify_all(

@@ -529,18 +529,16 @@ class VerifiedScorer(Scorer):
             self._shared[key] = [
                 self._pair(emb[i], self.candidate_view(c[0])) for i, c in enumerate(candidates)
             ]
-        out = np.empty(len(candidates))
+        return np.array([self.combine(cos, ver) for cos, ver in self._shared[key]])
+
+    def combine(self, cos: float, ver: float) -> float:
+        """One candidate's score from its nearest cosine and best verified NCC (see the class)."""
+        if self._mode == "verified":
+            return ver
         lopo = self._fitted["lopo"]
-        for i, (cos, ver) in enumerate(self._shared[key]):
-            if self._mode == "verified":
-                out[i] = ver
-                continue
-            ranks = [
-                np.searchsorted(r, x, side="right") / len(r) for r, x in zip(lopo, (cos, ver), strict=True)
-            ]
-            # ties above the calibration's top keep their order: add the raw score as a tie-break
-            out[i] = max(ranks) + 1e-3 * max(cos, ver)
-        return out
+        ranks = [np.searchsorted(r, x, side="right") / len(r) for r, x in zip(lopo, (cos, ver), strict=True)]
+        # ties above the calibration's top keep their order: add the raw score as a tie-break
+        return float(max(ranks) + 1e-3 * max(cos, ver))
 
     def release(self) -> None:  # noqa: D102
         self.__dict__.pop("_fitted", None)
