@@ -434,7 +434,12 @@ The encoder retrieves by what it learned; a copy a generator blurred can fall ou
 :data:`VERIFY_K`: one memorizing-LDM sample (reference NCC 0.840 to its source, closer than any
 two real patients) passed strict at verified 0.768 because its source was not retrieved. Ranked
 by the correlation of block means, the source of every reference "similar" and "duplicate"
-sample of that benchmark was first (bench/ldm_copies.py voxel-rank, docs/encoder.md)."""
+sample of that benchmark was first (bench/ldm_copies.py voxel-rank, docs/encoder.md). A cut field
+of view whose fill was smeared (the composite family's crop shift then blur) pulls the whole
+window's correlation towards strangers; scored over the candidate's content as well
+(:func:`masked_block_correlation`), the channel had the source of 186 of the 209 composite copies
+in its 5 (166 over the whole window alone), and with the encoder's retrieval all 209 were
+verified against their source (207 before; split encoder, bench/composite_misses.py)."""
 
 
 LOCATE_K = 5
@@ -477,6 +482,23 @@ class Located:
     ncc: float
 
 
+def _block_means(grid: np.ndarray) -> np.ndarray:
+    """A grid's :data:`VOXEL_FACTOR`-block means, raveled (axes padded with 0 to whole blocks).
+
+    Args:
+        grid: float (X, Y, Z); NaN (padding of a stored grid) counts as 0.
+
+    Returns:
+        float64 (X/f * Y/f * Z/f,) block means, C order.
+
+    """
+    f = VOXEL_FACTOR
+    a, b, c = (max(n // f, 1) * f for n in grid.shape)
+    x = np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
+    x = np.pad(x, [(0, max(t - n, 0)) for t, n in zip((a, b, c), x.shape, strict=True)])[:a, :b, :c]
+    return x.reshape(a // f, f, b // f, f, c // f, f).mean(axis=(1, 3, 5)).ravel().astype(np.float64)
+
+
 def voxel_vector(grid: np.ndarray) -> np.ndarray:
     """A grid's voxel-channel vector: :data:`VOXEL_FACTOR`-block means, centred, unit length.
 
@@ -488,14 +510,60 @@ def voxel_vector(grid: np.ndarray) -> np.ndarray:
         the Pearson correlation of their block means.
 
     """
-    f = VOXEL_FACTOR
-    a, b, c = (max(n // f, 1) * f for n in grid.shape)
-    x = np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
-    x = np.pad(x, [(0, max(t - n, 0)) for t, n in zip((a, b, c), x.shape, strict=True)])[:a, :b, :c]
-    y = x.reshape(a // f, f, b // f, f, c // f, f).mean(axis=(1, 3, 5)).ravel().astype(np.float64)
-    y -= y.mean()
+    return _unit_vector(_block_means(grid))
+
+
+def _unit_vector(means: np.ndarray) -> np.ndarray:
+    """Block means (:func:`_block_means`) centred and scaled to unit length (zero if flat), float32."""
+    y = means - means.mean()
     norm = float(np.linalg.norm(y))
     return (y / norm if norm > 1e-9 else y).astype(np.float32)
+
+
+def _block_mask(mask: np.ndarray) -> np.ndarray:
+    """The :data:`VOXEL_FACTOR` blocks of a bool (X, Y, Z) ``mask`` that are at least half True.
+
+    Raveled as :func:`_block_means` ravels (axes padded with False to whole blocks). Counted by
+    three sums over one axis each: exact, and faster than a float mean over three axes.
+    """
+    f = VOXEL_FACTOR
+    a, b, c = (max(n // f, 1) * f for n in mask.shape)
+    x = np.pad(mask, [(0, max(t - n, 0)) for t, n in zip((a, b, c), mask.shape, strict=True)])[:a, :b, :c]
+    y = x.astype(np.uint8).reshape(a, b, c // f, f).sum(axis=3, dtype=np.uint16)
+    y = y.reshape(a, b // f, f, c // f).sum(axis=2, dtype=np.uint16)
+    y = y.reshape(a // f, f, b // f, c // f).sum(axis=1, dtype=np.uint16)
+    return y.ravel() * 2 >= f**3
+
+
+def masked_block_correlation(
+    means: np.ndarray, masks: np.ndarray, vectors: np.ndarray, squares: np.ndarray
+) -> np.ndarray:
+    """Pearson correlation of query block means with stored voxel vectors over each query's mask.
+
+    Correlation ignores a per-vector offset and scale, so the stored unit vectors
+    (:func:`voxel_vector`) serve as they are: three matrix products, no stored block means.
+
+    Args:
+        means: float (W, D) query block means (:func:`_block_means`).
+        masks: bool (W, D): the blocks of each query that count.
+        vectors: float32 (N, D) stored voxel vectors.
+        squares: float32 (N, D) ``vectors ** 2``.
+
+    Returns:
+        float64 (W, N) correlations; -1 where a query or a stored vector is flat over the mask.
+
+    """
+    m = masks.astype(np.float32)
+    y = np.where(masks, means, 0.0)
+    n = np.maximum(masks.sum(axis=1, keepdims=True), 1).astype(np.float64)
+    sx = (m @ vectors.T).astype(np.float64)
+    sxx = (m @ squares.T).astype(np.float64)
+    sqx = (y.astype(np.float32) @ vectors.T).astype(np.float64)
+    sq = y.sum(axis=1, keepdims=True)
+    sqq = (y * y).sum(axis=1, keepdims=True)
+    var = (sqq - sq * sq / n) * np.maximum(sxx - sx * sx / n, 0.0)
+    cov = sqx - sq * sx / n
+    return np.where(var > 1e-12, cov / np.sqrt(np.maximum(var, 1e-300)), -1.0)
 
 
 def _ncc_at(
@@ -682,6 +750,7 @@ class Verifier:
         self._voxel_vectors = (
             np.stack([voxel_vector(g) for g in self._grids]) if self._grids else np.zeros((0, 1), np.float32)
         )
+        self._voxel_squares = self._voxel_vectors**2
 
     def voxel_patients(
         self, view: View, n: int = VOXEL_K, windows: Sequence[np.ndarray] | None = None
@@ -691,7 +760,9 @@ class Verifier:
         A second retrieval beside the encoder's, that learns nothing: the candidate's grid window
         and its shifted windows (:data:`QUERY_SHIFTS_VOX`) are reduced to block means
         (:func:`voxel_vector`) and correlated with every stored training grid's (one matrix
-        product); patient-level max over volumes and windows.
+        product), once over the whole window and once over its content (the blocks at least half
+        inside :meth:`View.content`, :func:`masked_block_correlation`); the higher of the two
+        counts, as in :meth:`verify`. Patient-level max over volumes and windows.
 
         Args:
             view: the candidate (:meth:`view`).
@@ -703,10 +774,18 @@ class Verifier:
             Pseudonymous patient ids, best first.
 
         """
+        grid = self.config.grid
         if windows is None:
-            windows = search_windows(view, self.config.grid)
-        q = np.stack([voxel_vector(w) for w in windows])
+            windows = search_windows(view, grid)
+        means = np.stack([_block_means(w) for w in windows])
+        q = np.stack([_unit_vector(m) for m in means])  # voxel_vector of each window
         per_volume = (q @ self._voxel_vectors.T).max(axis=0)
+        content = mask_windows(self._content_mask(view), grid)
+        if len(content) != len(windows):
+            raise ValueError(f"{len(windows)} search windows for {len(content)} content windows")
+        masks = np.stack([_block_mask(c) for c in content])
+        inside = masked_block_correlation(means, masks, self._voxel_vectors, self._voxel_squares)
+        per_volume = np.maximum(per_volume, inside.max(axis=0))
         best: dict[str, float] = {}
         for vol in np.argsort(-per_volume, kind="stable").tolist():
             pid = self._patient_of[vol]
@@ -715,6 +794,22 @@ class Verifier:
                 if len(best) == n:
                     break
         return tuple(best)
+
+    def _content_mask(self, view: View) -> np.ndarray:
+        """``view``'s content mask (:meth:`View.content`) at full resolution.
+
+        Made where :meth:`verify` makes it, so the two share it: on ``view`` at the default grid,
+        on its :attr:`factor`-reduced view above it (each block's verdict given to its voxels;
+        trailing voxels short of a block count as outside).
+        """
+        if self.factor == 1:
+            return view.content().mask
+        f = self.factor
+        small = view.reduced(f).content().mask
+        out = np.zeros(view.shape, dtype=bool)
+        up = small.repeat(f, axis=0).repeat(f, axis=1).repeat(f, axis=2)
+        out[: up.shape[0], : up.shape[1], : up.shape[2]] = up
+        return out & view.mask
 
     def locate(self, image: np.ndarray, mask: np.ndarray, n: int = LOCATE_K) -> list[Located]:
         """The localisation channel: where each training volume fits best inside a larger candidate.
@@ -961,6 +1056,10 @@ With the 8 compact index poses (no shifts), 16 of 522 simulated copies of the sh
 brought back 3 of them, all 14 brought back 12 (runs/verify, docs/encoder.md). They cost 14
 embeddings and searches per candidate instead of 78 more index rows per training volume."""
 
+_SEARCH_SHIFTS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), *QUERY_SHIFTS_VOX)
+"""The windows searched per candidate (:func:`search_windows`, :func:`mask_windows`): its own, then
+the shifted ones."""
+
 Search = Callable[[list[np.ndarray], int, Sequence[Sequence[str]]], list[Neighbours]]
 """Embed and search preprocessed grid-sized views (float32, shape ``config.grid``), in order, for
 the given number of patients each, plus per view the named patients with their exact cosine
@@ -972,9 +1071,19 @@ def window(view: View, grid: Sequence[int], shift: Sequence[int] = (0, 0, 0)) ->
 
     ``shift`` (0, 0, 0) is the candidate's own grid.
     """
-    margin = [(v - int(g)) // 2 for v, g in zip(view.shape, grid, strict=True)]
-    sl = tuple(slice(m + s, m + s + int(g)) for m, s, g in zip(margin, shift, grid, strict=True))
+    sl = _window_slice(view.shape, grid, shift)
     return np.ascontiguousarray(np.where(view.mask[sl], view.image[sl], 0.0), dtype=np.float32)
+
+
+def _window_slice(shape: Sequence[int], grid: Sequence[int], shift: Sequence[int]) -> tuple[slice, ...]:
+    """Where :func:`window` cuts a grid-sized window moved by ``shift`` out of a view of ``shape``."""
+    margin = [(int(v) - int(g)) // 2 for v, g in zip(shape, grid, strict=True)]
+    return tuple(slice(m + s, m + s + int(g)) for m, s, g in zip(margin, shift, grid, strict=True))
+
+
+def mask_windows(mask: np.ndarray, grid: Sequence[int]) -> list[np.ndarray]:
+    """A view-shaped bool ``mask`` cut as :func:`search_windows` cuts the view, in the same order."""
+    return [mask[_window_slice(mask.shape, grid, s)] for s in _SEARCH_SHIFTS]
 
 
 def query_views(view: View, grid: Sequence[int]) -> list[np.ndarray]:
@@ -984,7 +1093,7 @@ def query_views(view: View, grid: Sequence[int]) -> list[np.ndarray]:
 
 def search_windows(view: View, grid: Sequence[int]) -> list[np.ndarray]:
     """The candidate's own grid window followed by its :func:`query_views`: what is searched."""
-    return [window(view, grid), *query_views(view, grid)]
+    return [window(view, grid, s) for s in _SEARCH_SHIFTS]
 
 
 def retrieve_and_verify(

@@ -277,6 +277,45 @@ def test_voxel_channel_ranks_a_blurred_copys_source_first(hippo: list[Volume]) -
     assert v.shape == (8 * 12 * 8,) and abs(float(v @ v) - 1.0) < 1e-5
 
 
+def test_voxel_channel_ranks_a_cut_and_blurred_copys_source_first(
+    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The composite family's retrieval misses: the smeared fill of a cut field of view.
+
+    Over the whole window the fill's blocks pull the correlation towards strangers; over the
+    copy's content the source is first again.
+    """
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    inner = (slice(S, -S),) * 3
+    views = []
+    for v in hippo:
+        cut = Volume(np.ascontiguousarray(v.data[4:, :-4, 4:]), v.affine, v.spacing, v.source, v.patient_id)
+        copy = ndimage.gaussian_filter(verify.grid_with_mask(cut, CFG, S)[0][inner], 1.0) ** 1.2
+        views.append(verify.View(np.pad(copy, S), np.pad(np.ones(copy.shape, bool), S)))
+    assert [verifier.voxel_patients(v, n=1)[0] for v in views] == pids
+    monkeypatch.setattr(verify, "masked_block_correlation", lambda m, *_: np.full((len(m), len(pids)), -1.0))
+    whole = [verifier.voxel_patients(v, n=1)[0] for v in views]
+    assert whole != pids  # measured: 2 of the 6 sources second over the whole window
+
+
+def test_masked_block_correlation_is_pearson_over_the_mask() -> None:
+    rng = np.random.default_rng(0)
+    stored = rng.random((5, 40))
+    blocky = [s.reshape(2, 5, 4).repeat(4, 0).repeat(4, 1).repeat(4, 2) for s in stored]  # 4^3 blocks = s
+    vectors = np.stack([verify.voxel_vector(g) for g in blocky])
+    means = rng.random((3, 40))
+    masks = rng.random((3, 40)) > 0.3
+    got = verify.masked_block_correlation(means, masks, vectors, vectors**2)
+    for w in range(3):
+        for n in range(5):
+            want = np.corrcoef(means[w, masks[w]], stored[n, masks[w]])[0, 1]
+            assert abs(got[w, n] - want) < 1e-5
+    flat = verify.masked_block_correlation(np.ones((1, 40)), masks[:1], vectors, vectors**2)
+    assert (flat == -1.0).all()
+
+
 def test_retrieve_and_verify_verifies_the_source_the_encoder_missed(hippo: list[Volume]) -> None:
     """A search that never ranks the source: the voxel channel still brings it in, with its cosine."""
     grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
