@@ -100,6 +100,8 @@ def main() -> None:
             "validation": bm.family_metrics(pos[pv], novel[nv], thr),
             "test": bm.family_metrics(pos[pt], novel[nt], thr),
             "misses_at_pooled_novel_p95": misses,
+            "source_verified": sum(bool(r["source_verified"]) for r in rows if r["kind"] == "composite"),
+            "n_copies": len(pos),
         },
         "simulated": {
             "n": len(cv),
@@ -119,7 +121,8 @@ def main() -> None:
     print(
         f"composite TPR@5% val {c['validation']['tpr_at_fpr_5pct']:.3f} "
         f"test {c['test']['tpr_at_fpr_5pct']:.3f}; "
-        f"{len(misses)} miss(es) at the pooled novel p95; simulated copies AUROC "
+        f"{len(misses)} miss(es) at the pooled novel p95; source verified for "
+        f"{c['source_verified']} of {c['n_copies']}; simulated copies AUROC "
         f"{s['auroc_vs_real_patients']:.4f}, above the real max {s['above_real_max']:.4f}, p1 "
         f"{s['copy_p1']:.3f}, min {s['copy_min']:.3f} ({result['seconds']:.0f} s)"
     )
