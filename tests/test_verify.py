@@ -471,3 +471,7 @@ def test_verify_on_a_large_grid_aligns_blocks_and_still_tells_the_copy(tmp_path:
     assert out.verified is not None and out.verified[0] > 0.95
     assert out.verified[0] > out.verified[1:].max() + 0.2
     assert 2 in view._reduced  # the alignment ran on the 2x2x2 block view
+    content = verifier._content_mask(view)  # the reduced view's content, given back to its voxels
+    assert content.shape == view.shape and not (content & ~view.mask).any()
+    assert 0.5 < content.sum() / view.mask.sum() < 1.0  # the turn's zero-filled corners left out
+    assert verifier.voxel_patients(view, n=1) == (pids[0],)
