@@ -715,6 +715,11 @@ def verify_factor(grid: Sequence[int]) -> int:
     return f
 
 
+HALF_CACHE_BYTES = 64 * 1024 * 1024
+"""Half-resolution templates a :class:`Verifier` keeps between candidates at most (the shipped
+index: 261 x 16x24x16 float32 + mask, 8 MB)."""
+
+
 class Verifier:
     """The training grids of one index (or shard set), aligned to candidates on request.
 
@@ -746,6 +751,8 @@ class Verifier:
         self._patient_of = list(patient_ids)
         self._ordinals = volume_ordinals(self._patient_of)
         self._blocks: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._halves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._halves_bytes = 0
         self._spectra: tuple[tuple[int, ...], list[tuple[np.ndarray, TemplateSpectra]]] | None = None
         self._voxel_vectors = (
             np.stack([voxel_vector(g) for g in self._grids]) if self._grids else np.zeros((0, 1), np.float32)
@@ -955,7 +962,7 @@ class Verifier:
             if not p.flip:
                 trials.append((True, (0.0, 0.0, 0.0)))  # a mirrored copy the encoder did not tell apart
             full = self._aligned_template(pid, volume)
-            templates.append((full, _half_template(*full)))
+            templates.append((full, self._half_of(pid, volume, full)))
             grid_c, mask_c = templates[-1][1]
             best: tuple[Aligned, bool, tuple[float, float, float]] | None = None
             for flip, angles in trials:
@@ -977,6 +984,27 @@ class Verifier:
             # tissue would count as "outside" keeps the score of its whole grid
             scores[i] = max(view.align(*turned).ncc, view.content().align(*turned).ncc)
         return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
+
+    def _half_of(
+        self, patient_id: str, volume: int, full: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`_half_template` of a patient's aligned template ``full``, kept between candidates.
+
+        A training grid's half-resolution template does not depend on the candidate; made per
+        candidate it was 15% of verification (bench/verify_cost.py, 2026-12-03). Kept while the
+        kept ones fit in :data:`HALF_CACHE_BYTES`, made afresh beyond.
+        """
+        key = (patient_id, volume)
+        if key in self._halves:
+            return self._halves[key]
+        half = _half_template(*full)
+        for a in half:
+            a.setflags(write=False)  # shared between candidates: nothing may write into it
+        size = half[0].nbytes + half[1].nbytes
+        if self._halves_bytes + size <= HALF_CACHE_BYTES:
+            self._halves[key] = half
+            self._halves_bytes += size
+        return half
 
     def _aligned_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`template` at the resolution verification aligns (:attr:`factor`)."""

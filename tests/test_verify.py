@@ -154,6 +154,25 @@ def test_verify_scores_a_turned_blurred_copy_above_other_patients(hippo: list[Vo
     assert out.nearest_verified == out.verified[0] and out.verified_patient_id == pids[0]
 
 
+def test_kept_half_templates_change_no_score(hippo: list[Volume], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half-resolution templates kept between candidates give the scores made afresh ones give."""
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    nb = Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=tuple((0, 2) for _ in pids))
+    copies = [_blurred_copy(v) for v in hippo[:3]]
+    kept = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    first = [kept.verify(nb, c).verified for c in copies]
+    again = [kept.verify(nb, c).verified for c in copies]
+    assert len(kept._halves) == len(pids)
+    monkeypatch.setattr(verify, "HALF_CACHE_BYTES", 0)
+    fresh = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    afresh = [fresh.verify(nb, c).verified for c in copies]
+    assert not fresh._halves
+    for a, b, c in zip(first, again, afresh, strict=True):
+        assert a is not None and b is not None and c is not None
+        assert (a == b).all() and (a == c).all()
+
+
 def test_verify_refuses_neighbours_without_matched_rows() -> None:
     verifier = verify.Verifier([], [], IDENTITY_ONLY, CFG, S)
     nb = Neighbours(patient_ids=("p-0000000000000001",), similarities=np.asarray([0.9]))
