@@ -493,10 +493,16 @@ def _block_means(grid: np.ndarray) -> np.ndarray:
 
     """
     f = VOXEL_FACTOR
-    a, b, c = (max(n // f, 1) * f for n in grid.shape)
-    x = np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
-    x = np.pad(x, [(0, max(t - n, 0)) for t, n in zip((a, b, c), x.shape, strict=True)])[:a, :b, :c]
+    x = _whole_blocks(np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0))
+    a, b, c = x.shape
     return x.reshape(a // f, f, b // f, f, c // f, f).mean(axis=(1, 3, 5)).ravel().astype(np.float64)
+
+
+def _whole_blocks(x: np.ndarray) -> np.ndarray:
+    """``x`` cut or padded (zeros / False) to whole :data:`VOXEL_FACTOR` blocks, at least one per axis."""
+    f = VOXEL_FACTOR
+    a, b, c = (max(n // f, 1) * f for n in x.shape)
+    return np.pad(x, [(0, max(t - n, 0)) for t, n in zip((a, b, c), x.shape, strict=True)])[:a, :b, :c]
 
 
 def voxel_vector(grid: np.ndarray) -> np.ndarray:
@@ -527,8 +533,8 @@ def _block_mask(mask: np.ndarray) -> np.ndarray:
     three sums over one axis each: exact, and faster than a float mean over three axes.
     """
     f = VOXEL_FACTOR
-    a, b, c = (max(n // f, 1) * f for n in mask.shape)
-    x = np.pad(mask, [(0, max(t - n, 0)) for t, n in zip((a, b, c), mask.shape, strict=True)])[:a, :b, :c]
+    x = _whole_blocks(mask)
+    a, b, c = x.shape
     y = x.astype(np.uint8).reshape(a, b, c // f, f).sum(axis=3, dtype=np.uint16)
     y = y.reshape(a, b // f, f, c // f).sum(axis=2, dtype=np.uint16)
     y = y.reshape(a // f, f, b // f, c // f).sum(axis=1, dtype=np.uint16)
@@ -946,8 +952,16 @@ class Verifier:
         coarse = view.coarse()
         scores: list[float] = []
         found: list[tuple[float, int, int, bool, tuple[float, float, float], Aligned]] = []
-        # per patient: its grid at the aligned resolution and at half that, made once per call
-        templates: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = []
+        # per patient: its grid at the aligned resolution (made only when needed, once per call)
+        # and at half that (kept between candidates: _half_of)
+        fulls: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        halves: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def full_of(i: int) -> tuple[np.ndarray, np.ndarray]:
+            if i not in fulls:
+                fulls[i] = self._aligned_template(neighbours.patient_ids[i], neighbours.matched[i][0])
+            return fulls[i]
+
         for i, (pid, (volume, pose)) in enumerate(
             zip(neighbours.patient_ids, neighbours.matched, strict=True)
         ):
@@ -961,9 +975,8 @@ class Verifier:
                 trials.append((p.flip, p.rotate_deg))
             if not p.flip:
                 trials.append((True, (0.0, 0.0, 0.0)))  # a mirrored copy the encoder did not tell apart
-            full = self._aligned_template(pid, volume)
-            templates.append((full, self._half_of(pid, volume, full)))
-            grid_c, mask_c = templates[-1][1]
+            halves.append(self._half_of(pid, volume, lambda i=i: full_of(i)))
+            grid_c, mask_c = halves[-1]
             best: tuple[Aligned, bool, tuple[float, float, float]] | None = None
             for flip, angles in trials:
                 a = coarse.align(*_turned(grid_c, mask_c, flip, angles))
@@ -977,7 +990,7 @@ class Verifier:
         chosen = {t[1] for t in refine}
         refine += [t for t in found[:REFINE_NEAREST] if t[1] not in chosen]  # found is in cosine order
         for _, i, _, flip, angles, aligned in refine:
-            (grid, mask), (grid_c, mask_c) = templates[i]
+            (grid, mask), (grid_c, mask_c) = full_of(i), halves[i]
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
             turned = _turned(grid, mask, flip, turn)
             # the empty outside left out can only add evidence: a darkened copy whose dark
@@ -986,18 +999,18 @@ class Verifier:
         return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
 
     def _half_of(
-        self, patient_id: str, volume: int, full: tuple[np.ndarray, np.ndarray]
+        self, patient_id: str, volume: int, full: Callable[[], tuple[np.ndarray, np.ndarray]]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`_half_template` of a patient's aligned template ``full``, kept between candidates.
+        """:func:`_half_template` of a patient's aligned template (``full()``), kept between candidates.
 
         A training grid's half-resolution template does not depend on the candidate; made per
-        candidate it was 15% of verification (bench/verify_cost.py, 2026-12-03). Kept while the
-        kept ones fit in :data:`HALF_CACHE_BYTES`, made afresh beyond.
+        candidate it was ~15% of verification (cProfile of 20 candidates, 2026-12-03). Kept while
+        the kept ones fit in :data:`HALF_CACHE_BYTES`, made afresh beyond.
         """
         key = (patient_id, volume)
         if key in self._halves:
             return self._halves[key]
-        half = _half_template(*full)
+        half = _half_template(*full())
         for a in half:
             a.setflags(write=False)  # shared between candidates: nothing may write into it
         size = half[0].nbytes + half[1].nbytes
