@@ -210,11 +210,14 @@ class View:
         valid = tuple(slice(t - 1, f) for t, f in zip(tshape, self.shape, strict=True))
         return fft.irfftn(a * b, self.shape)[valid].astype(np.float64)
 
-    def _mask_terms(self, template_mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _mask_terms(
+        self, template_mask: np.ndarray, terms: TemplateTerms | None = None
+    ) -> tuple[np.ndarray, ...]:
         key = template_mask.shape.__repr__().encode() + np.packbits(template_mask).tobytes()
         if key not in self._by_mask:
-            flip = (slice(None, None, -1),) * 3
-            mt = fft.rfftn(template_mask[flip].astype(np.float32), self.shape)
+            if terms is None:
+                terms = TemplateTerms(self.shape, template_mask, np.zeros(0), np.zeros(0))
+            mt = terms.mask_spectrum()
             mi, xi, xi2 = self._spec
             ts = template_mask.shape
             self._by_mask[key] = (mt, self._corr(mt, mi, ts), self._corr(mt, xi, ts), self._corr(mt, xi2, ts))
@@ -238,27 +241,51 @@ class View:
             self._reduced[f] = View(*block_view(self.image, self.mask, f))
         return self._reduced[f]
 
-    def align(self, template: np.ndarray, template_mask: np.ndarray) -> Aligned:
-        """Best masked NCC of ``template`` over every integer placement inside this view.
+    def template_terms(self, template: np.ndarray, template_mask: np.ndarray) -> TemplateTerms:
+        """``template``'s spectra for views of this shape: made once, aligned to several views.
 
         Args:
             template: float (X, Y, Z) training grid.
             template_mask: bool (X, Y, Z), True where the template holds anatomy.
 
-        Returns:
-            The best alignment (shift 0 = the template on the view's centre window); NCC -1
-            when no placement overlaps enough (:data:`MIN_OVERLAP`).
-
         """
-        tshape = tuple(int(t) for t in template.shape)
         flip = (slice(None, None, -1),) * 3
         tm = template_mask[flip].astype(np.float32)
         offset = np.float32(template[template_mask].mean() if template_mask.any() else 0.0)
         tx = (template[flip].astype(np.float32) - offset) * tm
-        _, n, s_i, s_ii = self._mask_terms(template_mask)
+        xt, xt2 = fft.rfftn(tx, self.shape), fft.rfftn(tx * tx, self.shape)
+        return TemplateTerms(self.shape, template_mask, xt, xt2)
+
+    def align(
+        self, template: np.ndarray, template_mask: np.ndarray, terms: TemplateTerms | None = None
+    ) -> Aligned:
+        """Best masked NCC of ``template`` over every integer placement inside this view.
+
+        Args:
+            template: float (X, Y, Z) training grid.
+            template_mask: bool (X, Y, Z), True where the template holds anatomy.
+            terms: ``template``'s spectra (:meth:`template_terms` of a view of this shape) when
+                already made; made here otherwise.
+
+        Returns:
+            The best alignment (shift 0 = the template on the view's centre window); NCC -1
+            when no placement overlaps enough (:data:`MIN_OVERLAP`).
+
+        Raises:
+            ValueError: ``terms`` were made for another view shape or template shape.
+
+        """
+        tshape = tuple(int(t) for t in template.shape)
+        if terms is None:
+            terms = self.template_terms(template, template_mask)
+        elif terms.shape != self.shape or terms.mask.shape != tshape:
+            raise ValueError(
+                f"template terms for a {terms.mask.shape} template in a {terms.shape} view; "
+                f"aligning a {tshape} template in a {self.shape} view"
+            )
+        _, n, s_i, s_ii = self._mask_terms(template_mask, terms)
         mi, xi, _ = self._spec
-        xt = fft.rfftn(tx, self.shape)
-        xt2 = fft.rfftn(tx * tx, self.shape)
+        xt, xt2 = terms.xt, terms.xt2
         s_t, s_tt, s_ti = self._corr(xt, mi, tshape), self._corr(xt2, mi, tshape), self._corr(xt, xi, tshape)
         total = float(template_mask.sum())
         n_safe = np.maximum(n, 1.0)
@@ -314,6 +341,34 @@ class View:
         at = np.argmax(ncc, axis=1)
         pos = np.stack(np.unravel_index(at, s_t.shape[1:]), axis=1)
         return np.clip(ncc[np.arange(len(at)), at], -1.0, 1.0), pos
+
+
+class TemplateTerms:
+    """One template transformed for views of one shape (:meth:`View.template_terms`).
+
+    Args:
+        shape: the view shape the spectra are for.
+        mask: bool (X, Y, Z) the template's validity mask.
+        xt: complex spectrum of the flipped, centred, masked template.
+        xt2: complex spectrum of its square.
+
+    """
+
+    def __init__(self, shape: tuple[int, ...], mask: np.ndarray, xt: np.ndarray, xt2: np.ndarray) -> None:
+        self.shape, self.mask, self.xt, self.xt2 = shape, mask, xt, xt2
+        self._mt: np.ndarray | None = None
+
+    def mask_spectrum(self) -> np.ndarray:
+        """Complex spectrum of the flipped mask, made on first use.
+
+        A view that has seen the mask before (most training grids share the full-grid mask) has
+        its terms already and never asks.
+        """
+        if self._mt is None:
+            flip = (slice(None, None, -1),) * 3
+            self._mt = fft.rfftn(self.mask[flip].astype(np.float32), self.shape)
+            self._mt.setflags(write=False)
+        return self._mt
 
 
 @dataclass(frozen=True)
@@ -611,7 +666,10 @@ def _turned(
 
     The same mapping as :func:`gate.poses.apply_pose` (output voxel ``o`` samples the input at
     ``R^T (o - c) + c``), computed once for both arrays in numpy: scipy's ``affine_transform``
-    called twice took 1.8 ms per half-resolution turn here, 70% of the verification time.
+    called twice took 1.8 ms per half-resolution turn here, 70% of the verification time. The
+    arrays are read through a one-voxel border of zeros, so a corner outside the grid reads 0
+    without a test per corner (0.42 -> 0.23 ms per 16x24x16 turn, the same bits as testing:
+    tests/test_verify.py).
     """
     if flip:
         grid, mask = grid[::-1], mask[::-1]
@@ -621,28 +679,36 @@ def _turned(
     rot = rotation_matrix(np.radians(np.asarray(angles, dtype=np.float64)))
     centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
     coords = rot.T @ (_voxel_indices(shape) - centre[:, None]) + centre[:, None]
-    base = np.floor(coords).astype(np.int64)
+    base = np.floor(coords)
     frac = coords - base
+    corner = base.astype(np.int64)
     full = bool(mask.all())
-    flat_g = np.ascontiguousarray(grid, dtype=np.float32).ravel()
-    flat_m = np.ascontiguousarray(mask, dtype=np.float32).ravel()
+    bordered = tuple(n + 2 for n in shape)
+    inner = (slice(1, -1),) * 3
+    flat_g = np.zeros(bordered, dtype=np.float32)
+    flat_g[inner] = grid
+    flat_g = flat_g.ravel()
+    flat_m = flat_g
+    if not full:
+        flat_m = np.zeros(bordered, dtype=np.float32)
+        flat_m[inner] = mask
+        flat_m = flat_m.ravel()
+    strides = (bordered[1] * bordered[2], bordered[2], 1)
+    # per axis and corner (0: below, 1: above): flat offset into the bordered arrays (every
+    # corner outside the grid on the border of zeros) and trilinear weight
+    offsets = [
+        [(np.clip(corner[ax] + d, -1, shape[ax]) + 1) * strides[ax] for d in (0, 1)] for ax in range(3)
+    ]
+    weights = [[1.0 - frac[ax], frac[ax]] for ax in range(3)]
     out_g = np.zeros(coords.shape[1], dtype=np.float64)
     out_m = np.zeros(coords.shape[1], dtype=np.float64)
-    strides = (shape[1] * shape[2], shape[2], 1)
     for dx in (0, 1):
         for dy in (0, 1):
+            at_xy = offsets[0][dx] + offsets[1][dy]
+            w_xy = weights[0][dx] * weights[1][dy]
             for dz in (0, 1):
-                cx, cy, cz = base[0] + dx, base[1] + dy, base[2] + dz
-                inside = (
-                    (cx >= 0) & (cx < shape[0]) & (cy >= 0) & (cy < shape[1]) & (cz >= 0) & (cz < shape[2])
-                )
-                w = (
-                    (frac[0] if dx else 1.0 - frac[0])
-                    * (frac[1] if dy else 1.0 - frac[1])
-                    * (frac[2] if dz else 1.0 - frac[2])
-                    * inside
-                )
-                at = np.where(inside, cx * strides[0] + cy * strides[1] + cz * strides[2], 0)
+                at = at_xy + offsets[2][dz]
+                w = w_xy * weights[2][dz]
                 out_g += w * flat_g[at]
                 if not full:
                     out_m += w * flat_m[at]
@@ -683,9 +749,14 @@ def refine_rotation(
     margin = [(v - t) // 2 for v, t in zip(coarse.shape, grid_c.shape, strict=True)]
     at = [m + sh for m, sh in zip(margin, start.shift, strict=True)]
 
+    scored: dict[tuple[float, ...], float] = {}  # the descent comes back to angles it tried
+
     def score(angles: Sequence[float]) -> float:
-        t, m = _turned(grid_c, mask_c, flip, angles)
-        return _ncc_at(t, m, coarse.image, coarse.mask, at)
+        key = tuple(float(a) for a in angles)
+        if key not in scored:
+            t, m = _turned(grid_c, mask_c, flip, angles)
+            scored[key] = _ncc_at(t, m, coarse.image, coarse.mask, at)
+        return scored[key]
 
     angles = [float(a) for a in start_deg]
     best = score(angles)
@@ -721,9 +792,12 @@ def verify_factor(grid: Sequence[int]) -> int:
     return f
 
 
-HALF_CACHE_BYTES = 64 * 1024 * 1024
-"""Half-resolution templates a :class:`Verifier` keeps between candidates at most (the shipped
-index: 261 x 16x24x16 float32 + mask, 8 MB)."""
+TEMPLATE_CACHE_BYTES = 256 * 1024 * 1024
+"""What a :class:`Verifier` keeps between candidates at most, first come first kept: each training
+grid's half-resolution template (the shipped index: 261 x 16x24x16 float32 + mask, 8 MB) and each
+trial pose of one (as it is, its retrieving pose, mirrored) turned and transformed for the
+candidates' half-resolution view shape (~0.28 MB at the 32x48x32 grid; 20 candidates kept 666 of
+them, 186 MB)."""
 
 
 class Verifier:
@@ -758,7 +832,8 @@ class Verifier:
         self._ordinals = volume_ordinals(self._patient_of)
         self._blocks: list[tuple[np.ndarray, np.ndarray]] | None = None
         self._halves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._halves_bytes = 0
+        self._trials: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, TemplateTerms]] = {}
+        self._kept_bytes = 0
         self._spectra: tuple[tuple[int, ...], list[tuple[np.ndarray, TemplateSpectra]]] | None = None
         self._voxel_vectors = (
             np.stack([voxel_vector(g) for g in self._grids]) if self._grids else np.zeros((0, 1), np.float32)
@@ -979,7 +1054,8 @@ class Verifier:
             grid_c, mask_c = halves[-1]
             best: tuple[Aligned, bool, tuple[float, float, float]] | None = None
             for flip, angles in trials:
-                a = coarse.align(*_turned(grid_c, mask_c, flip, angles))
+                tmpl, tmask, terms = self._trial_of(pid, volume, flip, angles, coarse, halves[-1])
+                a = coarse.align(tmpl, tmask, terms=terms)
                 if best is None or a.ncc > best[0].ncc:
                     best = (a, flip, angles)
             if best is None:  # trials is never empty
@@ -993,9 +1069,14 @@ class Verifier:
             (grid, mask), (grid_c, mask_c) = full_of(i), halves[i]
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
             turned = _turned(grid, mask, flip, turn)
+            terms = view.template_terms(*turned)  # one set of spectra for both views
+            scores[i] = view.align(*turned, terms=terms).ncc
+            content = view.content()
             # the empty outside left out can only add evidence: a darkened copy whose dark
-            # tissue would count as "outside" keeps the score of its whole grid
-            scores[i] = max(view.align(*turned).ncc, view.content().align(*turned).ncc)
+            # tissue would count as "outside" keeps the score of its whole grid (a candidate
+            # with no empty outside has the same view twice: aligned once)
+            if not np.array_equal(content.mask, view.mask):
+                scores[i] = max(scores[i], content.align(*turned, terms=terms).ncc)
         return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
 
     def _half_of(
@@ -1005,7 +1086,7 @@ class Verifier:
 
         A training grid's half-resolution template does not depend on the candidate; made per
         candidate it was ~15% of verification (cProfile of 20 candidates, 2026-12-03). Kept while
-        the kept ones fit in :data:`HALF_CACHE_BYTES`, made afresh beyond.
+        the kept ones fit in :data:`TEMPLATE_CACHE_BYTES`, made afresh beyond.
         """
         key = (patient_id, volume)
         if key in self._halves:
@@ -1013,11 +1094,54 @@ class Verifier:
         half = _half_template(*full())
         for a in half:
             a.setflags(write=False)  # shared between candidates: nothing may write into it
-        size = half[0].nbytes + half[1].nbytes
-        if self._halves_bytes + size <= HALF_CACHE_BYTES:
+        if self._keeps(half[0].nbytes + half[1].nbytes):
             self._halves[key] = half
-            self._halves_bytes += size
         return half
+
+    def _trial_of(
+        self,
+        patient_id: str,
+        volume: int,
+        flip: bool,
+        angles: tuple[float, float, float],
+        coarse: View,
+        half: tuple[np.ndarray, np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray, TemplateTerms]:
+        """A half-resolution template under one trial pose, with its spectra for ``coarse``'s shape.
+
+        Neither depends on the candidate, only on its view shape (one per run): made per
+        candidate, turning and transforming them was ~0.2 ms of each ~0.4 ms trial alignment
+        (runs of bench/verify_cost.py, 2026-12-03). Kept like :meth:`_half_of`.
+
+        Args:
+            patient_id: the patient.
+            volume: its volume number.
+            flip: mirror the template (axis X).
+            angles: turn, degrees about X, Y, Z.
+            coarse: the candidate's half-resolution view.
+            half: the patient's half-resolution template and mask (:meth:`_half_of`).
+
+        Returns:
+            The turned template (float32), its mask and their :class:`TemplateTerms`.
+
+        """
+        key = (patient_id, volume, flip, tuple(float(a) for a in angles), coarse.shape)
+        if key in self._trials:
+            return self._trials[key]
+        tmpl, tmask = _turned(*half, flip, angles)
+        terms = coarse.template_terms(tmpl, tmask)
+        for a in (tmpl, tmask, terms.xt, terms.xt2):
+            a.setflags(write=False)
+        if self._keeps(tmpl.nbytes + tmask.nbytes + 3 * terms.xt.nbytes):  # xt, xt2, the mask's
+            self._trials[key] = (tmpl, tmask, terms)
+        return tmpl, tmask, terms
+
+    def _keeps(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit in :data:`TEMPLATE_CACHE_BYTES` (counted as kept if so)."""
+        if self._kept_bytes + size > TEMPLATE_CACHE_BYTES:
+            return False
+        self._kept_bytes += size
+        return True
 
     def _aligned_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`template` at the resolution verification aligns (:attr:`factor`)."""

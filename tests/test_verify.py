@@ -155,7 +155,7 @@ def test_verify_scores_a_turned_blurred_copy_above_other_patients(hippo: list[Vo
 
 
 def test_kept_half_templates_change_no_score(hippo: list[Volume], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Half-resolution templates kept between candidates give the scores made afresh ones give."""
+    """Templates kept between candidates (half resolution, trial poses) give afresh ones' scores."""
     grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
     pids = [f"p-{i:016x}" for i in range(len(hippo))]
     nb = Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=tuple((0, 2) for _ in pids))
@@ -164,10 +164,12 @@ def test_kept_half_templates_change_no_score(hippo: list[Volume], monkeypatch: p
     first = [kept.verify(nb, c).verified for c in copies]
     again = [kept.verify(nb, c).verified for c in copies]
     assert len(kept._halves) == len(pids)
-    monkeypatch.setattr(verify, "HALF_CACHE_BYTES", 0)
+    pose = COMPACT_POSES.poses[2]
+    assert len(kept._trials) == len(pids) * (2 + (not pose.on_grid_identity) - pose.flip)
+    monkeypatch.setattr(verify, "TEMPLATE_CACHE_BYTES", 0)
     fresh = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
     afresh = [fresh.verify(nb, c).verified for c in copies]
-    assert not fresh._halves
+    assert not fresh._halves and not fresh._trials
     for a, b, c in zip(first, again, afresh, strict=True):
         assert a is not None and b is not None and c is not None
         assert (a == b).all() and (a == c).all()
@@ -196,6 +198,101 @@ def test_turned_matches_apply_pose_inside_the_grid() -> None:
         a, _ = verify._turned(g, m, flip, angles)
         b = apply_pose(g, Pose(flip=flip, rotate_deg=angles))
         assert np.abs(a - b)[3:-3, 3:-3, 3:-3].max() < 1e-5
+
+
+def _turned_by_corner_tests(
+    grid: np.ndarray, mask: np.ndarray, flip: bool, angles: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """verify._turned as first written: each corner tested against the grid's bounds."""
+    from gate.poses import rotation_matrix
+
+    if flip:
+        grid, mask = grid[::-1], mask[::-1]
+    shape = grid.shape
+    rot = rotation_matrix(np.radians(np.asarray(angles, dtype=np.float64)))
+    centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    idx = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    coords = rot.T @ (idx - centre[:, None]) + centre[:, None]
+    base = np.floor(coords).astype(np.int64)
+    frac = coords - base
+    full = bool(mask.all())
+    flat_g, flat_m = grid.astype(np.float32).ravel(), mask.astype(np.float32).ravel()
+    out_g, out_m = np.zeros(coords.shape[1]), np.zeros(coords.shape[1])
+    strides = (shape[1] * shape[2], shape[2], 1)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                cx, cy, cz = base[0] + dx, base[1] + dy, base[2] + dz
+                inside = (
+                    (cx >= 0) & (cx < shape[0]) & (cy >= 0) & (cy < shape[1]) & (cz >= 0) & (cz < shape[2])
+                )
+                w = (
+                    (frac[0] if dx else 1.0 - frac[0])
+                    * (frac[1] if dy else 1.0 - frac[1])
+                    * (frac[2] if dz else 1.0 - frac[2])
+                    * inside
+                )
+                at = np.where(inside, cx * strides[0] + cy * strides[1] + cz * strides[2], 0)
+                out_g += w * flat_g[at]
+                out_m += w * flat_m[at]
+    if full:
+        lo, hi = -0.5, np.asarray(shape, dtype=np.float64)[:, None] - 0.5
+        out_m = np.all((coords >= lo) & (coords <= hi), axis=0).astype(np.float64)
+    return np.clip(out_g, 0.0, 1.0).reshape(shape).astype(np.float32), out_m.reshape(shape) > 0.5
+
+
+def test_turned_reads_outside_the_grid_as_zero_bit_for_bit() -> None:
+    """The zero border gives the bits of testing every corner, far turns and partial masks too."""
+    rng = np.random.default_rng(7)
+    for t in range(24):
+        shape = tuple(int(n) for n in rng.integers(6, 20, 3))
+        g = rng.random(shape).astype(np.float32)
+        m = rng.random(shape) > (0.0 if t % 2 else 0.3)
+        angles = tuple(float(a) for a in rng.uniform(-40, 40, 3))
+        flip = bool(t % 3 == 0)
+        a = verify._turned(g, m, flip, angles)
+        b = _turned_by_corner_tests(g, m, flip, angles)  # type: ignore[arg-type]
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        assert not a[1].all()  # a 40-degree turn leaves corners outside: the border was read
+
+
+def test_template_terms_made_once_align_like_terms_made_per_view() -> None:
+    """One template's spectra serve the view and its content view with the same alignments."""
+    img = np.zeros((48, 64, 48), np.float32)
+    img[8:40, 8:56, 8:40] = _smooth(3)
+    img[8:12] = 0.0  # an empty outside: the content view differs from the view
+    mask = np.zeros(img.shape, bool)
+    mask[8:40, 8:56, 8:40] = True
+    view = verify.View(img, mask)
+    content = view.content()
+    assert not np.array_equal(content.mask, view.mask)
+    tmpl, tmask = verify._turned(_smooth(3), np.ones((32, 48, 32), bool), False, (4.0, -2.0, 3.0))
+    terms = view.template_terms(tmpl, tmask)
+    for v in (view, content):
+        fresh = verify.View(v.image, v.mask, trim=False)
+        assert v.align(tmpl, tmask, terms=terms) == fresh.align(tmpl, tmask)
+    with pytest.raises(ValueError, match="template terms for"):
+        view.coarse().align(*verify._half_template(tmpl, tmask), terms=terms)
+
+
+def test_rotation_search_turns_each_pose_once(hippo: list[Volume], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The descent comes back to angles it tried: their score is kept, not turned again."""
+    img, mask = verify.grid_with_mask(hippo[0], CFG, S)
+    copy = verify.View(ndimage.gaussian_filter(apply_pose(img, Pose(rotate_deg=(5.0, -3.0, 2.0))), 1.0), mask)
+    coarse = copy.coarse()
+    g, m = verify._half_template(*verify.grid_with_mask(hippo[0], CFG, 0))
+    turned: list[tuple[float, ...]] = []
+    real = verify._turned
+
+    def counted(grid: np.ndarray, tmask: np.ndarray, flip: bool, angles: tuple[float, ...]) -> object:
+        turned.append(tuple(angles))
+        return real(grid, tmask, flip, angles)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify, "_turned", counted)
+    start = coarse.align(g, m)
+    angles = verify.refine_rotation(coarse, g, m, False, (0.0, 0.0, 0.0), start)
+    assert len(turned) == len(set(turned)) > 6
+    assert angles != (0.0, 0.0, 0.0)
 
 
 def test_merge_keeps_the_best_verified_score_per_patient() -> None:
