@@ -110,6 +110,75 @@ def test_a_cut_and_blurred_copy_verifies_as_its_source(hippo: list[Volume]) -> N
         assert out.verified[k] > np.delete(out.verified, k).max() + 0.05, k
 
 
+def test_whole_grids_score_a_copy_that_reproduces_its_sources_padding(
+    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy of a scan the grid pads (zeros where the scan ends) is scored over the padding too.
+
+    As memorizing LDMs copy hippocampus_243 (docs/ldm_copies.md): the anatomy smeared, the zeros
+    of the padding reproduced; over the scan's voxels alone such a copy correlated less with its
+    source than the closest real pair did.
+    """
+    v = hippo[0]
+    short = Volume(np.ascontiguousarray(v.data[:, :, :22]), v.affine, v.spacing, v.source, v.patient_id)
+    grid, mask = verify.grid_with_mask(short, CFG, 0)
+    assert not mask.all()  # the preprocessing padded it
+    stored = verify.stored_grid(grid, mask)
+    rng = np.random.default_rng(0)
+    copy = ndimage.gaussian_filter(grid, 1.5) + rng.normal(0.0, 0.08, grid.shape).astype(np.float32)
+    copy = np.where(mask, np.clip(copy, 0.0, 1.0), 0.0).astype(np.float32)  # the padding reproduced
+    verifier = verify.Verifier([stored], ["p-0000000000000001"], COMPACT_POSES, CFG, S)
+    nb = Neighbours(("p-0000000000000001",), np.array([0.9]), matched=((0, 0),))
+    view = verify.View(np.pad(copy, S), np.pad(np.ones(copy.shape, bool), S))
+    assert view.whole() is not view  # the copy's planes of zeros were trimmed from its mask
+    with_whole = verifier.verify(nb, view).verified
+    monkeypatch.setattr(verify, "WHOLE_GRID", False)
+    without = verifier.verify(nb, view).verified
+    assert with_whole is not None and without is not None
+    whole_ncc = float(np.corrcoef(copy.ravel(), np.nan_to_num(stored.astype(np.float32)).ravel())[0, 1])
+    assert with_whole[0] >= whole_ncc - 1e-6  # at least the whole grids' NCC at shift 0
+    assert with_whole[0] > without[0] + 0.02, (with_whole, without)  # measured 0.918 against 0.805
+
+
+def test_whole_grids_change_nothing_when_neither_side_is_padded(
+    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full training grids against a candidate without planes of zeros: the same score either way."""
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    full = [i for i, g in enumerate(grids) if np.isfinite(g).all()]
+    assert full
+    pids = [f"p-{i:016x}" for i in full]
+    verifier = verify.Verifier([grids[i] for i in full], pids, COMPACT_POSES, CFG, S)
+    nb = Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=tuple((0, 0) for _ in pids))
+    copy = _blurred_copy(hippo[full[0]])
+    assert copy.whole() is copy
+    a = verifier.verify(nb, copy).verified
+    monkeypatch.setattr(verify, "WHOLE_GRID", False)
+    b = verifier.verify(nb, copy).verified
+    assert a is not None and b is not None and (a == b).all()
+
+
+def test_a_view_is_freed_as_soon_as_it_is_dropped() -> None:
+    """No reference cycle keeps a candidate's spectra alive (a generate run held 5.3 GB so)."""
+    import gc
+    import weakref
+
+    img = np.pad(_smooth(5), S)
+    for zeros in (False, True):
+        if zeros:
+            img[S : S + 3] = 0.0  # planes of zeros: whole() is another view
+        view = verify.View(img, np.pad(np.ones((32, 48, 32), bool), S))
+        assert (view.whole() is view) is not zeros
+        view.content()
+        ref = weakref.ref(view)
+        gc.disable()
+        try:
+            del view
+            assert ref() is None
+        finally:
+            gc.enable()
+
+
 def test_the_content_view_only_adds_evidence(hippo: list[Volume], monkeypatch: pytest.MonkeyPatch) -> None:
     """A darkened copy loses a third or more of its grid to the "empty outside"; no score drops."""
     grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
