@@ -704,9 +704,7 @@ def _turned(
     if not any(angles):
         return np.ascontiguousarray(grid, dtype=np.float32), np.ascontiguousarray(mask)
     shape = tuple(int(n) for n in grid.shape)
-    rot = rotation_matrix(np.radians(np.asarray(angles, dtype=np.float64)))
-    centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
-    coords = rot.T @ (_voxel_indices(shape) - centre[:, None]) + centre[:, None]
+    coords = _sample_points(shape, angles)
     base = np.floor(coords)
     frac = coords - base
     corner = base.astype(np.int64)
@@ -741,8 +739,7 @@ def _turned(
                 if not full:
                     out_m += w * flat_m[at]
     if full:  # a full mask turned: real where the sample point is within half a voxel of the grid
-        lo, hi = -0.5, np.asarray(shape, dtype=np.float64)[:, None] - 0.5
-        out_m = np.all((coords >= lo) & (coords <= hi), axis=0).astype(np.float64)
+        out_m = _within_grid(coords, shape).astype(np.float64)
     return (
         np.clip(out_g, 0.0, 1.0).reshape(shape).astype(np.float32),
         out_m.reshape(shape) > 0.5,
@@ -754,11 +751,20 @@ def _turned_full_mask(shape: Sequence[int], flip: bool, angles: Sequence[float])
     shape = tuple(int(n) for n in shape)
     if not any(angles):
         return np.ones(shape, dtype=bool)
+    return _within_grid(_sample_points(shape, angles), shape).reshape(shape)
+
+
+def _sample_points(shape: tuple[int, ...], angles: Sequence[float]) -> np.ndarray:
+    """float64 (3, X*Y*Z): where each output voxel of a turn by ``angles`` (degrees) samples its input."""
     rot = rotation_matrix(np.radians(np.asarray(angles, dtype=np.float64)))
     centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
-    coords = rot.T @ (_voxel_indices(shape) - centre[:, None]) + centre[:, None]
+    return rot.T @ (_voxel_indices(shape) - centre[:, None]) + centre[:, None]
+
+
+def _within_grid(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The sample points (bool (N,)) within half a voxel of a grid of ``shape``: a full mask turned."""
     lo, hi = -0.5, np.asarray(shape, dtype=np.float64)[:, None] - 0.5
-    return np.all((coords >= lo) & (coords <= hi), axis=0).reshape(shape)
+    return np.all((coords >= lo) & (coords <= hi), axis=0)
 
 
 def refine_rotation(
