@@ -217,9 +217,7 @@ class View:
     ) -> tuple[np.ndarray, ...]:
         key = template_mask.shape.__repr__().encode() + np.packbits(template_mask).tobytes()
         if key not in self._by_mask:
-            if terms is None:
-                terms = TemplateTerms(self.shape, template_mask, np.zeros(0), np.zeros(0))
-            mt = terms.mask_spectrum()
+            mt = _mask_spectrum(template_mask, self.shape) if terms is None else terms.mask_spectrum()
             mi, xi, xi2 = self._spec
             ts = template_mask.shape
             self._by_mask[key] = (mt, self._corr(mt, mi, ts), self._corr(mt, xi, ts), self._corr(mt, xi2, ts))
@@ -382,10 +380,15 @@ class TemplateTerms:
         its terms already and never asks.
         """
         if self._mt is None:
-            flip = (slice(None, None, -1),) * 3
-            self._mt = fft.rfftn(self.mask[flip].astype(np.float32), self.shape)
+            self._mt = _mask_spectrum(self.mask, self.shape)
             self._mt.setflags(write=False)
         return self._mt
+
+
+def _mask_spectrum(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Complex spectrum of a template's flipped bool ``mask`` for views of ``shape``."""
+    flip = (slice(None, None, -1),) * 3
+    return fft.rfftn(mask[flip].astype(np.float32), shape)
 
 
 @dataclass(frozen=True)
@@ -1111,20 +1114,21 @@ class Verifier:
         refine = sorted(found, key=lambda t: -t[0])[:REFINE_PATIENTS]
         chosen = {t[1] for t in refine}
         refine += [t for t in found[:REFINE_NEAREST] if t[1] not in chosen]  # found is in cosine order
+        # the empty outside left out can only add evidence: a darkened copy whose dark tissue
+        # would count as "outside" keeps the score of its whole grid (a candidate with no empty
+        # outside has the same view twice: aligned once); so can the padding counted (WHOLE_GRID)
+        content = view.content()
+        content_differs = not np.array_equal(content.mask, view.mask)
+        whole = view.whole() if WHOLE_GRID else None
         for _, i, _, flip, angles, aligned in refine:
             (grid, mask), (grid_c, mask_c) = full_of(i), halves[i]
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
             turned = _turned(grid, mask, flip, turn)
             terms = view.template_terms(*turned)  # one set of spectra for both views
             scores[i] = view.align(*turned, terms=terms).ncc
-            content = view.content()
-            # the empty outside left out can only add evidence: a darkened copy whose dark
-            # tissue would count as "outside" keeps the score of its whole grid (a candidate
-            # with no empty outside has the same view twice: aligned once)
-            if not np.array_equal(content.mask, view.mask):
+            if content_differs:
                 scores[i] = max(scores[i], content.align(*turned, terms=terms).ncc)
-            whole = view.whole()
-            if WHOLE_GRID and not (mask.all() and whole is view):
+            if whole is not None and not (whole is view and mask.all()):
                 full_mask = _turned_full_mask(mask.shape, flip, turn)
                 scores[i] = max(scores[i], whole.align(turned[0], full_mask).ncc)
         return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
