@@ -22,6 +22,7 @@ scipy: ``gate check`` does not need torch.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -482,10 +483,27 @@ and re-scored at full resolution, beside :data:`REFINE_NEAREST`."""
 
 
 def _blocks(x: np.ndarray, f: int) -> np.ndarray:
-    """``f``x``f``x``f`` block means (trailing voxels short of a block dropped)."""
+    """``f``x``f``x``f`` block means (trailing voxels short of a block dropped), float32.
+
+    The bits of ``y.reshape(a/f, f, b/f, f, c/f, f).mean(axis=(1, 3, 5))`` (numpy sums each
+    block's rows along Z, then adds the rows in (X, Y) order), summed from strided views: 0.96
+    -> 0.07 ms for a 48x64x48 grid at f = 2 (tests/test_verify.py holds the bits to the reshape).
+    From f = 8 numpy sums a row pairwise, and with one block along Z it reorders the sum, so
+    the reshape itself is used there.
+    """
+    if f < 1:
+        raise ValueError(f"block size must be at least 1, got {f}")
     a, b, c = (n // f * f for n in x.shape)
-    y = x[:a, :b, :c].astype(np.float32)
-    return y.reshape(a // f, f, b // f, f, c // f, f).mean(axis=(1, 3, 5))
+    y = x[:a, :b, :c].astype(np.float32, copy=False)
+    if f >= 8 or c // f < 2 or not a or not b:
+        return y.reshape(a // f, f, b // f, f, c // f, f).mean(axis=(1, 3, 5))
+    out = np.zeros((a // f, b // f, c // f), dtype=np.float32)
+    for i, j in itertools.product(range(f), repeat=2):
+        row = y[i::f, j::f, 0::f].copy()
+        for k in range(1, f):
+            row += y[i::f, j::f, k::f]
+        np.add(out, row, out=out)
+    return np.true_divide(out, np.float32(f**3), out=out)
 
 
 def _half(x: np.ndarray) -> np.ndarray:
@@ -580,8 +598,7 @@ def _block_means(grid: np.ndarray) -> np.ndarray:
     """
     f = VOXEL_FACTOR
     x = _whole_blocks(np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0))
-    a, b, c = x.shape
-    return x.reshape(a // f, f, b // f, f, c // f, f).mean(axis=(1, 3, 5)).ravel().astype(np.float64)
+    return _blocks(x, f).ravel().astype(np.float64)
 
 
 def _whole_blocks(x: np.ndarray) -> np.ndarray:
@@ -725,8 +742,9 @@ def _turned(
     strides = (bordered[1] * bordered[2], bordered[2], 1)
     # per axis and corner (0: below, 1: above): flat offset into the bordered arrays (every
     # corner outside the grid on the border of zeros) and trilinear weight
-    offsets = [
-        [(np.clip(corner[ax] + d, -1, shape[ax]) + 1) * strides[ax] for d in (0, 1)] for ax in range(3)
+    offsets = [  # np.minimum/np.maximum: np.clip's checks cost 30 us a turn here
+        [(np.minimum(np.maximum(corner[ax] + d, -1), shape[ax]) + 1) * strides[ax] for d in (0, 1)]
+        for ax in range(3)
     ]
     weights = [[1.0 - frac[ax], frac[ax]] for ax in range(3)]
     out_g = np.zeros(coords.shape[1], dtype=np.float64)
