@@ -210,8 +210,7 @@ class View:
         self._whole: View | None = None
 
     def _corr(self, a: np.ndarray, b: np.ndarray, tshape: tuple[int, ...]) -> np.ndarray:
-        valid = tuple(slice(t - 1, f) for t, f in zip(tshape, self.shape, strict=True))
-        return fft.irfftn(a * b, self.shape)[valid].astype(np.float64)
+        return valid_correlation(a * b, self.shape, tshape).astype(np.float64)
 
     def _mask_terms(
         self, template_mask: np.ndarray, terms: TemplateTerms | None = None
@@ -335,10 +334,9 @@ class View:
         tshape = templates.mask.shape
         _, n, s_i, s_ii = self._mask_terms(templates.mask)
         mi, xi, _ = self._spec
-        valid = (slice(None), *(slice(t - 1, f) for t, f in zip(tshape, self.shape, strict=True)))
 
         def corr(a: np.ndarray) -> np.ndarray:
-            return fft.irfftn(a, self.shape, axes=(1, 2, 3))[valid].astype(np.float64)
+            return valid_correlation(a, self.shape, tshape).astype(np.float64)
 
         s_ti = corr(templates.xt * xi)
         if self._full:  # every placement covers the whole template: its sums are constants
@@ -357,6 +355,41 @@ class View:
         at = np.argmax(ncc, axis=1)
         pos = np.stack(np.unravel_index(at, s_t.shape[1:]), axis=1)
         return np.clip(ncc[np.arange(len(at)), at], -1.0, 1.0), pos
+
+
+def valid_correlation(spectrum: np.ndarray, shape: tuple[int, ...], tshape: tuple[int, ...]) -> np.ndarray:
+    """The placements of a correlation where a template lies wholly inside the view, and only those.
+
+    ``fft.irfftn(spectrum, shape, axes=(-3, -2, -1))[..., x - 1 :, y - 1 :, z - 1 :]`` without
+    computing the outputs the slice drops: the inverse is taken axis by axis as pocketfft takes
+    it (unscaled complex transforms along X, then Y, then the real one along Z, scaled once by
+    ``1 / (X Y Z)``), and each axis keeps only its valid outputs before the next is transformed.
+    The same 1D transforms of the same lines in the same order give the same bits
+    (tests/test_verify.py holds them to ``irfftn``). A 48x64x48 view and a 32x48x32 template
+    transform 17 of 48 X-planes along Y and 17x17 of 48x64 lines along Z.
+
+    Args:
+        spectrum: complex (..., X, Y, Z // 2 + 1), the product of a view's and a flipped
+            template's spectra (:func:`scipy.fft.rfftn` at ``shape``).
+        shape: (X, Y, Z) the view shape.
+        tshape: (x, y, z) the template shape.
+
+    Returns:
+        real (..., X - x + 1, Y - y + 1, Z - z + 1), the dtype ``irfftn`` gives ``spectrum``.
+
+    """
+    shape, tshape = tuple(int(n) for n in shape), tuple(int(t) for t in tshape)
+    lead = spectrum.ndim - 3
+    if lead < 0 or any(t < 1 or t > n for t, n in zip(tshape, shape, strict=True)):
+        valid = (Ellipsis, *(slice(t - 1, n) for t, n in zip(tshape, shape, strict=True)))
+        return fft.irfftn(spectrum, shape, axes=(-3, -2, -1))[valid]
+    x = spectrum
+    for k in range(2):
+        x = fft.ifft(x, shape[k], axis=lead + k, norm="forward")  # unscaled: scaled once below
+        x = x[(slice(None),) * (lead + k) + (slice(tshape[k] - 1, shape[k]),)]
+    out = fft.irfft(x, shape[2], axis=lead + 2, norm="forward")[..., tshape[2] - 1 : shape[2]]
+    # pocketfft's scale: 1 / N in long double, then in the transform's precision
+    return out * out.dtype.type(1 / np.longdouble(shape[0] * shape[1] * shape[2]))
 
 
 class TemplateTerms:

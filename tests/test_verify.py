@@ -343,6 +343,35 @@ def test_blocks_keep_the_bits_of_the_reshape_mean() -> None:
         verify._blocks(np.zeros((4, 4, 4), np.float32), 0)
 
 
+def test_valid_correlation_keeps_the_bits_of_irfftn() -> None:
+    """Axis by axis, valid outputs only: irfftn's bits, batched or not, float32 or float64."""
+    from scipy import fft
+
+    rng = np.random.default_rng(12)
+    cases = [((48, 64, 48), (32, 48, 32), ()), ((24, 32, 24), (16, 24, 16), (3,))]
+    for _ in range(10):
+        shape = tuple(int(n) for n in rng.integers(3, 40, 3))
+        cases.append(
+            (
+                shape,
+                tuple(int(rng.integers(1, n + 1)) for n in shape),
+                tuple(rng.integers(1, 3, int(rng.integers(0, 2)))),
+            )
+        )
+    cases.append(((9, 8, 7), (10, 2, 2), ()))  # a template larger than the view: no placement
+    for shape, tshape, lead in cases:
+        for dtype in (np.float32, np.float64):
+            a, b = (
+                fft.rfftn(rng.random((*lead, *shape)).astype(dtype), shape, axes=(-3, -2, -1))
+                for _ in range(2)
+            )
+            valid = (Ellipsis, *(slice(t - 1, n) for t, n in zip(tshape, shape, strict=True)))
+            want = fft.irfftn(a * b, shape, axes=(-3, -2, -1))[valid]
+            got = verify.valid_correlation(a * b, shape, tshape)
+            assert got.dtype == want.dtype and got.shape == want.shape, (shape, tshape, lead)
+            assert np.array_equal(got, want), (shape, tshape, lead, dtype)
+
+
 def test_template_terms_made_once_align_like_terms_made_per_view() -> None:
     """One template's spectra serve the view and its content view with the same alignments."""
     img = np.zeros((48, 64, 48), np.float32)
