@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads OpenBLAS, or it is ignored
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus" / "imagesTr"

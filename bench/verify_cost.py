@@ -28,10 +28,10 @@ import os
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads OpenBLAS, or it is ignored
+
 import numpy as np
 from scipy import ndimage
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main() -> None:
