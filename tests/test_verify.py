@@ -310,12 +310,35 @@ def _turned_by_corner_tests(
     return np.clip(out_g, 0.0, 1.0).reshape(shape).astype(np.float32), out_m.reshape(shape) > 0.5
 
 
-def test_turned_reads_outside_the_grid_as_zero_bit_for_bit() -> None:
-    """The zero border gives the bits of testing every corner, far turns and partial masks too."""
+def test_compiled_falls_back_to_compiling_per_process_where_nothing_can_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read-only install with no writable home: numba refuses ``cache=True``; the gate still runs."""
+
+    def plus_one(x: float) -> float:
+        return x + 1.0
+
+    import numba
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])  # no cache location writable
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        numba.njit(cache=True)(plus_one)
+    assert verify._compiled(plus_one)(1.0) == 2.0
+
+
+def test_turned_keeps_the_bits_of_numpy_corner_gathers() -> None:
+    """The compiled loop gives the bits of numpy's corner arrays: far turns, partial masks, clipping.
+
+    Shapes include the default grid's half and full resolution; intensities reach outside [0, 1]
+    so the clip is exercised.
+    """
     rng = np.random.default_rng(7)
-    for t in range(24):
-        shape = tuple(int(n) for n in rng.integers(6, 20, 3))
-        g = rng.random(shape).astype(np.float32)
+    shapes = [(16, 24, 16), (32, 48, 32)] + [tuple(int(n) for n in rng.integers(6, 20, 3)) for _ in range(22)]
+    for t, shape in enumerate(shapes):
+        g = (rng.random(shape) * (1.4 if t % 4 == 1 else 1.0) - (0.2 if t % 4 == 1 else 0.0)).astype(
+            np.float32
+        )
         m = rng.random(shape) > (0.0 if t % 2 else 0.3)
         angles = tuple(float(a) for a in rng.uniform(-40, 40, 3))
         flip = bool(t % 3 == 0)
