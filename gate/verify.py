@@ -269,7 +269,7 @@ class View:
         tm = template_mask[flip].astype(np.float32)
         offset = np.float32(template[template_mask].mean() if template_mask.any() else 0.0)
         tx = (template[flip].astype(np.float32) - offset) * tm
-        xt, xt2 = fft.rfftn(tx, self.shape), fft.rfftn(tx * tx, self.shape)
+        xt, xt2 = padded_spectrum(tx, self.shape), padded_spectrum(tx * tx, self.shape)
         return TemplateTerms(self.shape, template_mask, xt, xt2)
 
     def align(
@@ -393,6 +393,34 @@ def valid_correlation(spectrum: np.ndarray, shape: tuple[int, ...], tshape: tupl
     return out * out.dtype.type(1 / np.longdouble(shape[0] * shape[1] * shape[2]))
 
 
+def padded_spectrum(template: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``fft.rfftn(template, shape, axes=(-3, -2, -1))`` without transforming the zero padding.
+
+    pocketfft's ``rfftn`` takes the real transform along Z, then the complex ones along X and Y,
+    of every line of the zero-padded array; a line of zeros stays zeros, so each axis here
+    transforms only the lines that hold template voxels, padding the next axis as it goes. The
+    same 1D transforms of the same lines in the same order give the same bits
+    (tests/test_verify.py holds them to ``rfftn``). A 32x48x32 template in a 48x64x48 view: 0.36
+    -> 0.29 ms here.
+
+    Args:
+        template: real (..., x, y, z), x <= X, y <= Y, z <= Z.
+        shape: (X, Y, Z) the view shape.
+
+    Returns:
+        complex (..., X, Y, Z // 2 + 1), the dtype ``rfftn`` gives ``template``.
+
+    """
+    shape = tuple(int(n) for n in shape)
+    lead = template.ndim - 3
+    if lead < 0 or any(t > n for t, n in zip(template.shape[lead:], shape, strict=True)):
+        return fft.rfftn(template, shape, axes=(-3, -2, -1))
+    x = fft.rfft(template, shape[2], axis=lead + 2)
+    for k in range(2):
+        x = fft.fft(x, shape[k], axis=lead + k)
+    return x
+
+
 class TemplateTerms:
     """One template transformed for views of one shape (:meth:`View.template_terms`).
 
@@ -423,7 +451,7 @@ class TemplateTerms:
 def _mask_spectrum(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Complex spectrum of a template's flipped bool ``mask`` for views of ``shape``."""
     flip = (slice(None, None, -1),) * 3
-    return fft.rfftn(mask[flip].astype(np.float32), shape)
+    return padded_spectrum(mask[flip].astype(np.float32), shape)
 
 
 @dataclass(frozen=True)
@@ -456,8 +484,8 @@ def template_spectra(templates: np.ndarray, mask: np.ndarray, shape: tuple[int, 
     return TemplateSpectra(
         mask=mask,
         shape=tuple(shape),
-        xt=fft.rfftn(tx, shape, axes=(1, 2, 3)),
-        xt2=fft.rfftn(tx * tx, shape, axes=(1, 2, 3)),
+        xt=padded_spectrum(tx, shape),
+        xt2=padded_spectrum(tx * tx, shape),
         sum_sq=(tx.astype(np.float64) ** 2).sum(axis=(1, 2, 3)),
     )
 

@@ -395,6 +395,26 @@ def test_valid_correlation_keeps_the_bits_of_irfftn() -> None:
             assert np.array_equal(got, want), (shape, tshape, lead, dtype)
 
 
+def test_padded_spectrum_keeps_the_bits_of_rfftn() -> None:
+    """Zero lines left untransformed: rfftn's bits, batched or not, float32 or float64, strided."""
+    from scipy import fft
+
+    rng = np.random.default_rng(13)
+    cases = [((48, 64, 48), (32, 48, 32), ()), ((24, 32, 24), (16, 24, 16), (3,)), ((8, 8, 8), (8, 8, 8), ())]
+    for _ in range(12):
+        shape = tuple(int(n) for n in rng.integers(3, 40, 3))
+        tshape = tuple(int(rng.integers(1, n + 1)) for n in shape)
+        cases.append((shape, tshape, tuple(rng.integers(1, 3, int(rng.integers(0, 2))))))
+    cases.append(((9, 8, 7), (10, 2, 2), ()))  # a template larger than the view: rfftn crops it
+    for shape, tshape, lead in cases:
+        for dtype in (np.float32, np.float64):
+            t = rng.random((*lead, *tshape)).astype(dtype)[..., ::-1, ::-1, ::-1]  # flipped, as used
+            want = fft.rfftn(t, shape, axes=(-3, -2, -1))
+            got = verify.padded_spectrum(t, shape)
+            assert got.dtype == want.dtype and got.shape == want.shape, (shape, tshape, lead)
+            assert np.array_equal(got, want), (shape, tshape, lead, dtype)
+
+
 def test_template_terms_made_once_align_like_terms_made_per_view() -> None:
     """One template's spectra serve the view and its content view with the same alignments."""
     img = np.zeros((48, 64, 48), np.float32)
