@@ -10,6 +10,11 @@ beside it. The gate is then scored against those labels through its real check p
 (``gate.api.Gate``: what the gate reports, however it computes it), beside pixel SSIM, pixel
 Pearson and Dar et al.'s binary rule. Steps (outputs of long runs under ``runs/ldm_copies/``)::
 
+    .venv/bin/python bench/ldm_copies.py design      # train_folder/, patient_map.csv, design.json
+    OMP_NUM_THREADS=1 .venv/bin/gate ldm train --data runs/ldm_copies/train_folder \\
+        --patient-map runs/ldm_copies/patient_map.csv --id-key-file gate/models/demo-pseudonym.key \\
+        --out runs/ldm_copies/mem_generator --ae-epochs 40 --unet-epochs 1200 \\
+        --snapshot-every 100 --threads 1 --device cpu
     .venv/bin/python bench/ldm_copies.py sample --generator runs/ldm_copies/mem_generator \
         --n 360 --out runs/ldm_copies/samples/mem
     .venv/bin/python bench/ldm_copies.py sample --generator gate/models/generator \
@@ -350,6 +355,48 @@ def _sample_files(samples: Path) -> list[tuple[str, Path]]:
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def design_links(design: dict) -> list[tuple[str, str]]:
+    """(link name, source file name) for every copy of the memorizing generator's training folder.
+
+    One link per copy, ``<stem>_c<kk>.nii.gz``, ``kk`` counting from 00, in the design's order.
+
+    Raises:
+        ValueError: a volume without a file name or with a multiplicity below 1.
+
+    """
+    links: list[tuple[str, str]] = []
+    for vol in design["volumes"]:
+        name, mult = str(vol.get("file", "")), int(vol.get("multiplicity", 0))
+        if not name.endswith(".nii.gz") or mult < 1:
+            raise ValueError(f"design volume {vol!r}: needs a .nii.gz file and a multiplicity >= 1")
+        links += [(f"{name[: -len('.nii.gz')]}_c{k:02d}.nii.gz", name) for k in range(mult)]
+    if "per_epoch" in design and int(design["per_epoch"]) != len(links):
+        raise ValueError(f"design says {design['per_epoch']} scans per epoch; its volumes give {len(links)}")
+    return links
+
+
+def cmd_design(args: argparse.Namespace) -> None:
+    """The memorizing generator's training folder from a committed design (symlinks + patient map).
+
+    Each copy's patient is its source file's default patient label (the sha256 of its bytes, as
+    the shipped index records it), so every copy of a volume is one patient, the index's.
+    """
+    from gate.digest import sha256_source
+
+    design = json.loads(Path(args.design).read_text())
+    out = Path(args.out)
+    folder = out / "train_folder"
+    folder.mkdir(parents=True, exist_ok=False)
+    rows = []
+    for link, name in design_links(design):
+        source = (Path(args.data) / name).resolve()
+        (folder / link).symlink_to(source)
+        rows.append(f"{link},sha256:{sha256_source(source)}")
+    (out / "patient_map.csv").write_text("file,patient\n" + "\n".join(rows) + "\n")
+    (out / "design.json").write_text(json.dumps(design, indent=1) + "\n")
+    print(f"{len(rows)} links of {len(design['volumes'])} volumes in {folder}", file=sys.stderr)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -1104,6 +1151,11 @@ def _sample_set_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench/ldm_copies.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    de = sub.add_parser("design", help="the memorizing generator's training folder from its design")
+    de.add_argument("--design", default=str(ROOT / "docs" / "results" / "ldm_copies_design.json"))
+    de.add_argument("--data", default=str(DATA))
+    de.add_argument("--out", default=str(RUNS))
+    de.set_defaults(fn=cmd_design)
     s = sub.add_parser("sample", help="draw samples from a generator into NIfTI files")
     s.add_argument("--generator", required=True)
     s.add_argument("--n", type=int, required=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,26 @@ def test_grades_ceiling_on_a_synthetic_score(tmp_path: Path) -> None:
     best = res["policies"]["best_with_duplicate_recall_1"]
     assert best is not None and best["passed_closer_than_any_two_real_patients"] == 0
     assert res["policies"]["tried"] > 100
+
+
+def test_design_links_give_each_volume_its_multiplicity_and_refuse_a_bad_design() -> None:
+    design = {
+        "volumes": [
+            {"file": "hippocampus_001.nii.gz", "multiplicity": 1},
+            {"file": "hippocampus_321.nii.gz", "multiplicity": 3},
+        ],
+        "per_epoch": 4,
+    }
+    assert L.design_links(design) == [
+        ("hippocampus_001_c00.nii.gz", "hippocampus_001.nii.gz"),
+        ("hippocampus_321_c00.nii.gz", "hippocampus_321.nii.gz"),
+        ("hippocampus_321_c01.nii.gz", "hippocampus_321.nii.gz"),
+        ("hippocampus_321_c02.nii.gz", "hippocampus_321.nii.gz"),
+    ]
+    with pytest.raises(ValueError, match="scans per epoch"):
+        L.design_links({**design, "per_epoch": 5})
+    with pytest.raises(ValueError, match="multiplicity"):
+        L.design_links({"volumes": [{"file": "a.nii.gz", "multiplicity": 0}]})
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "ldm_copies_design.json"
+    shipped = json.loads(path.read_text())
+    assert len(L.design_links(shipped)) == shipped["per_epoch"] == 44
