@@ -1141,6 +1141,104 @@ def cmd_voxel_rank(args: argparse.Namespace) -> None:
     print(json.dumps(out["by_reference_grade"]))
 
 
+def choose_thresholds_keeping(
+    scores: np.ndarray, truth: Sequence[str], keep: str = "duplicate"
+) -> tuple[float, float, float]:
+    """:func:`choose_thresholds` among the pairs that grade every ``keep`` sample ``keep`` or worse.
+
+    With ``keep="duplicate"``: duplicate recall 1.0 on ``truth``, the issue's target, kept.
+    """
+    low = min((float(x) for x, t in zip(scores, truth, strict=True) if t == keep), default=np.inf)
+    u = np.unique(scores)
+    cand = np.concatenate([[u[0] - 1e-9], (u[1:] + u[:-1]) / 2, [u[-1] + 1e-9]])
+    if len(cand) > 120:
+        cand = np.unique(np.quantile(cand, np.linspace(0, 1, 120)))
+    cand = np.unique(np.concatenate([cand, [low - 1e-9]]))
+    best = (float(cand[0]), float(cand[0]), -1.0)
+    for i, t1 in enumerate(cand):
+        for t2 in cand[i:]:
+            if t2 > low:
+                break
+            f = class_metrics(truth, grades_from_score(scores, t1, t2))["macro_f1"]
+            if f > best[2]:
+                best = (float(t1), float(t2), f)
+    return best
+
+
+def cmd_identity(args: argparse.Namespace) -> None:
+    """The identity-pose score beside the gate's verified score: which tracks the reference.
+
+    Per sample: the voxel channel's first patient (:meth:`gate.verify.Verifier.voxel_patients`),
+    its stored grid aligned as it is (no turn, no flip) over the gate's shifts at full resolution,
+    on the candidate's view and on its whole view (padding counted, :meth:`View.whole`); the
+    higher NCC is the identity score. For it and for the gate's verified score (``--score``, a
+    ``score`` result on the same samples): the correlation with the reference NCC, and the two
+    grade thresholds chosen on the validation half (freely, and keeping validation duplicate
+    recall 1.0), reported on the test half.
+    """
+    from gate.cli.options import read_options
+    from gate.index_manifest import read_grids, read_manifest
+    from gate.verify import MAX_SHIFT_VOX, Verifier
+    from gate.volume import DEFAULT_MAX_VOXELS, read_volumes
+
+    labels = json.loads(Path(args.labels).read_text())
+    rows = labels["samples"]
+    ref = reference_grades(labels)
+    scored = {r["sample"]: r for r in json.loads(Path(args.score).read_text())["samples"]}
+    index = Path(args.index)
+    m = read_manifest(index)
+    grids = read_grids(index / "grids.npy", m)
+    verifier = Verifier(list(grids), [r.patient_id for r in m.rows], m.poses, m.preprocess, MAX_SHIFT_VOX)
+    opts = read_options(ROOT / "gate" / "models" / "demo-pseudonym.key", None, None, DEFAULT_MAX_VOXELS)
+    identity, source_first = [], 0
+    for r in rows:
+        (v,) = read_volumes(Path(args.samples) / r["sample"], opts)
+        view = verifier.view(v)
+        (pid,) = verifier.voxel_patients(view, n=1)
+        source_first += pid == r["nearest_patient_id"]
+        grid, mask = verifier.template(pid, 0)
+        best = view.align(grid, mask).ncc
+        whole = view.whole()
+        best = max(best, whole.align(grid, np.ones_like(mask)).ncc)
+        identity.append(best)
+    scores = {
+        "identity": np.asarray(identity),
+        "gate_verified": np.asarray([scored[r["sample"]]["gate_verified"] for r in rows], dtype=np.float64),
+    }
+    reference = np.asarray([r["aligned_ncc"] for r in rows])
+    val, test = split_halves(len(rows))
+    out: dict = {"index": str(index), "source_first": source_first, "n": len(rows), "scores": {}}
+    for name, sc in scores.items():
+        entry: dict = {
+            "pearson_with_reference": float(np.corrcoef(sc, reference)[0, 1]),
+            "residual_sd": float(np.std(sc - reference)),
+        }
+        for how, choose in (("free", choose_thresholds), ("duplicate_recall_1", choose_thresholds_keeping)):
+            t1, t2, f_val = choose(sc[val], [ref[i] for i in val])
+            mt = class_metrics([ref[i] for i in test], grades_from_score(sc[test], t1, t2))
+            entry[how] = {
+                "thresholds": [t1, t2],
+                "validation_macro_f1": f_val,
+                "test_macro_f1": mt["macro_f1"],
+                "test_per_class": mt["per_class"],
+            }
+        out["scores"][name] = entry
+    out["samples"] = [
+        {"sample": r["sample"], "identity": float(x)} for r, x in zip(rows, identity, strict=True)
+    ]
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    for name, e in out["scores"].items():
+        print(
+            f"{name}: r {e['pearson_with_reference']:.4f} sd {e['residual_sd']:.4f}; "
+            + "; ".join(
+                f"{h} t {e[h]['thresholds'][0]:.4f}/{e[h]['thresholds'][1]:.4f} test macro-F1 "
+                f"{e[h]['test_macro_f1']:.3f} dup R {e[h]['test_per_class']['duplicate']['recall']:.3f}"
+                for h in ("free", "duplicate_recall_1")
+            )
+        )
+    print(f"voxel channel's first patient is the reference's nearest for {source_first} of {len(rows)}")
+
+
 def _sample_set_args(parser: argparse.ArgumentParser) -> None:
     """``--labels``, ``--samples`` and ``--index``: the labelled sample set and the index it is judged on."""
     parser.add_argument("--labels", default=str(RUNS / "labels.json"))
@@ -1202,6 +1300,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     _sample_set_args(vr)
     vr.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies_voxel_rank.json"))
     vr.set_defaults(fn=cmd_voxel_rank)
+    idn = sub.add_parser("identity", help="the identity-pose NCC beside the verified score")
+    _sample_set_args(idn)
+    idn.add_argument("--score", default=str(ROOT / "docs" / "results" / "ldm_copies_verify.json"))
+    idn.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies_identity.json"))
+    idn.set_defaults(fn=cmd_identity)
     rp = sub.add_parser("report", help="markdown tables of a score result")
     rp.add_argument("--score", default=str(ROOT / "docs" / "results" / "ldm_copies.json"))
     rp.add_argument("--out", default=str(ROOT / "docs" / "results" / "ldm_copies.md"))

@@ -102,6 +102,18 @@ def test_choose_thresholds_separates_three_separable_groups() -> None:
     assert 0.3 < t1 <= 0.55 and 0.6 < t2 <= 0.9
 
 
+def test_choose_thresholds_keeping_gives_up_f1_to_keep_every_duplicate() -> None:
+    """A duplicate scored among the similar ones: the free choice drops it, the kept choice does not."""
+    scores = np.array([0.1, 0.2, 0.3, 0.55, 0.6, 0.62, 0.64, 0.9, 0.95, 0.58])
+    truth = ["different"] * 3 + ["similar"] * 4 + ["duplicate"] * 3
+    free = L.choose_thresholds(scores, truth)
+    kept = L.choose_thresholds_keeping(scores, truth)
+    assert free[1] > 0.64 and free[2] > kept[2]  # the 0.58 duplicate graded similar
+    assert kept[1] <= 0.58
+    graded = L.grades_from_score(scores, kept[0], kept[1])
+    assert all(g == "duplicate" for g, t in zip(graded, truth, strict=True) if t == "duplicate")
+
+
 def test_binary_metrics_counts() -> None:
     m = L.binary_metrics([True, True, False, False], [True, False, True, False])
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (1, 1, 1, 1)
