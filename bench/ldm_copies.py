@@ -1165,6 +1165,41 @@ def choose_thresholds_keeping(
     return best
 
 
+def grades_from_two_scores(
+    copy_score: np.ndarray, grade_score: np.ndarray, t_similar: float, t_duplicate: float
+) -> list[str]:
+    """Different below ``t_similar`` of ``copy_score``, else graded by ``t_duplicate`` of ``grade_score``."""
+    return [
+        "different" if c < t_similar else ("duplicate" if g >= t_duplicate else "similar")
+        for c, g in zip(copy_score, grade_score, strict=True)
+    ]
+
+
+def choose_two_score_thresholds(
+    copy_score: np.ndarray, grade_score: np.ndarray, truth: Sequence[str]
+) -> tuple[float, float, float]:
+    """The thresholds of :func:`grades_from_two_scores` with maximal macro-F1, duplicate recall 1.0 kept."""
+
+    def cands(x: np.ndarray) -> np.ndarray:
+        u = np.unique(x)
+        c = np.concatenate([[u[0] - 1e-9], (u[1:] + u[:-1]) / 2, [u[-1] + 1e-9]])
+        return np.unique(np.quantile(c, np.linspace(0, 1, 120))) if len(c) > 120 else c
+
+    dup = [i for i, t in enumerate(truth) if t == "duplicate"]
+    best = (0.0, 0.0, -1.0)
+    for t1 in cands(copy_score):
+        if any(copy_score[i] < t1 for i in dup):
+            break
+        low = min((float(grade_score[i]) for i in dup), default=np.inf)
+        for t2 in np.unique(np.concatenate([cands(grade_score), [low - 1e-9]])):
+            if t2 > low:
+                break
+            f = class_metrics(truth, grades_from_two_scores(copy_score, grade_score, t1, t2))["macro_f1"]
+            if f > best[2]:
+                best = (float(t1), float(t2), f)
+    return best
+
+
 def cmd_identity(args: argparse.Namespace) -> None:
     """The identity-pose score beside the gate's verified score: which tracks the reference.
 
@@ -1223,17 +1258,31 @@ def cmd_identity(args: argparse.Namespace) -> None:
                 "test_per_class": mt["per_class"],
             }
         out["scores"][name] = entry
+    # the design proposed in docs/ldm_copies.md: copy against novel on the verified score,
+    # duplicate against similar on the identity score
+    v, i = scores["gate_verified"], scores["identity"]
+    t1, t2, f_val = choose_two_score_thresholds(v[val], i[val], [ref[k] for k in val])
+    mt = class_metrics([ref[k] for k in test], grades_from_two_scores(v[test], i[test], t1, t2))
+    out["scores"]["verified_then_identity"] = {
+        "duplicate_recall_1": {
+            "thresholds": [t1, t2],
+            "validation_macro_f1": f_val,
+            "test_macro_f1": mt["macro_f1"],
+            "test_per_class": mt["per_class"],
+        }
+    }
     out["samples"] = [
         {"sample": r["sample"], "identity": float(x)} for r, x in zip(rows, identity, strict=True)
     ]
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     for name, e in out["scores"].items():
         print(
-            f"{name}: r {e['pearson_with_reference']:.4f} sd {e['residual_sd']:.4f}; "
+            f"{name}: r {e.get('pearson_with_reference', np.nan):.4f} sd {e.get('residual_sd', np.nan):.4f}; "
             + "; ".join(
                 f"{h} t {e[h]['thresholds'][0]:.4f}/{e[h]['thresholds'][1]:.4f} test macro-F1 "
                 f"{e[h]['test_macro_f1']:.3f} dup R {e[h]['test_per_class']['duplicate']['recall']:.3f}"
                 for h in ("free", "duplicate_recall_1")
+                if h in e
             )
         )
     print(f"voxel channel's first patient is the reference's nearest for {source_first} of {len(rows)}")

@@ -114,6 +114,17 @@ def test_choose_thresholds_keeping_gives_up_f1_to_keep_every_duplicate() -> None
     assert all(g == "duplicate" for g, t in zip(graded, truth, strict=True) if t == "duplicate")
 
 
+def test_two_scores_grade_copies_by_one_and_duplicates_by_the_other() -> None:
+    """Copy against novel on the first score, duplicate against similar on the second."""
+    copy = np.array([0.1, 0.2, 0.7, 0.72, 0.9, 0.95])
+    grade = np.array([0.9, 0.9, 0.5, 0.55, 0.8, 0.85])  # high on the novel ones: must not matter
+    truth = ["different", "different", "similar", "similar", "duplicate", "duplicate"]
+    assert L.grades_from_two_scores(copy, grade, 0.5, 0.7) == truth
+    t1, t2, f = L.choose_two_score_thresholds(copy, grade, truth)
+    assert f == 1.0 and 0.2 < t1 <= 0.7 and 0.55 < t2 <= 0.8
+    assert L.grades_from_two_scores(copy, grade, t1, t2) == truth
+
+
 def test_binary_metrics_counts() -> None:
     m = L.binary_metrics([True, True, False, False], [True, False, True, False])
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (1, 1, 1, 1)
