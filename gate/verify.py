@@ -863,11 +863,16 @@ def _trilinear(
                     if not full:
                         acc_m += w * (1.0 if inside and mask[x, y, z] else 0.0)
         out_g[i] = np.float32(min(max(acc, 0.0), 1.0))
-        if full:
-            out_m[i] = -0.5 <= cx <= nx - 0.5 and -0.5 <= cy <= ny - 0.5 and -0.5 <= cz <= nz - 0.5
-        else:
-            out_m[i] = acc_m > 0.5
+        out_m[i] = _within(cx, cy, cz, nx, ny, nz) if full else acc_m > 0.5
     return out_g, out_m
+
+
+@_compiled
+def _within(
+    cx: float, cy: float, cz: float, nx: int, ny: int, nz: int
+) -> bool:  # pragma: no cover - compiled; tested through _turned
+    """Whether a sample point lies within half a voxel of an (nx, ny, nz) grid: a full mask turned."""
+    return -0.5 <= cx <= nx - 0.5 and -0.5 <= cy <= ny - 0.5 and -0.5 <= cz <= nz - 0.5
 
 
 def _turned_full_mask(shape: Sequence[int], flip: bool, angles: Sequence[float]) -> np.ndarray:
@@ -887,10 +892,16 @@ def _sample_points(shape: tuple[int, ...], angles: Sequence[float]) -> np.ndarra
     return coords
 
 
-def _within_grid(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+@_compiled
+def _within_grid(
+    coords: np.ndarray, shape: tuple[int, int, int]
+) -> np.ndarray:  # pragma: no cover - compiled; tested through _turned_full_mask
     """The sample points (bool (N,)) within half a voxel of a grid of ``shape``: a full mask turned."""
-    lo, hi = -0.5, np.asarray(shape, dtype=np.float64)[:, None] - 0.5
-    return np.all((coords >= lo) & (coords <= hi), axis=0)
+    nx, ny, nz = shape
+    out = np.empty(coords.shape[1], dtype=np.bool_)
+    for i in range(coords.shape[1]):
+        out[i] = _within(coords[0, i], coords[1, i], coords[2, i], nx, ny, nz)
+    return out
 
 
 def refine_rotation(
