@@ -1263,8 +1263,11 @@ class Verifier:
             if content_differs:
                 scores[i] = max(scores[i], content.align(*turned, terms=terms).ncc)
             if whole is not None and not (whole is view and mask.all()):
-                full_mask = _turned_full_mask(mask.shape, flip, turn)
-                scores[i] = max(scores[i], whole.align(turned[0], full_mask).ncc)
+                if mask.all():  # turned[1] is the full mask turned: its spectra are made
+                    scores[i] = max(scores[i], whole.align(*turned, terms=terms).ncc)
+                else:
+                    full_mask = _turned_full_mask(mask.shape, flip, turn)
+                    scores[i] = max(scores[i], whole.align(turned[0], full_mask).ncc)
         return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
 
     def _half_of(
