@@ -46,6 +46,7 @@ from scipy import ndimage
 
 if TYPE_CHECKING:
     from gate.preprocess import PreprocessConfig
+    from gate.verify import Verifier
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus" / "imagesTr"
@@ -258,6 +259,15 @@ def grades_from_score(scores: np.ndarray, t_similar: float, t_duplicate: float) 
     return [grade_of(float(s), t_similar, t_duplicate) for s in scores]
 
 
+def _threshold_candidates(scores: np.ndarray) -> np.ndarray:
+    """Midpoints between consecutive distinct scores plus both ends; 120 quantiles of them when more."""
+    u = np.unique(scores)
+    cand = np.concatenate([[u[0] - 1e-9], (u[1:] + u[:-1]) / 2, [u[-1] + 1e-9]])
+    if len(cand) > 120:  # keep the O(n^2) search small: quantiles of the candidates
+        cand = np.unique(np.quantile(cand, np.linspace(0, 1, 120)))
+    return cand
+
+
 def choose_thresholds(scores: np.ndarray, truth: Sequence[str]) -> tuple[float, float, float]:
     """The two thresholds that maximise macro-F1 of ``scores`` against ``truth``.
 
@@ -268,10 +278,7 @@ def choose_thresholds(scores: np.ndarray, truth: Sequence[str]) -> tuple[float, 
         ``(t_similar, t_duplicate, macro_f1)`` with ``t_similar <= t_duplicate``.
 
     """
-    u = np.unique(scores)
-    cand = np.concatenate([[u[0] - 1e-9], (u[1:] + u[:-1]) / 2, [u[-1] + 1e-9]])
-    if len(cand) > 120:  # keep the O(n^2) search small: quantiles of the candidates
-        cand = np.unique(np.quantile(cand, np.linspace(0, 1, 120)))
+    cand = _threshold_candidates(scores)
     best = (float(cand[0]), float(cand[-1]), -1.0)
     for i, t1 in enumerate(cand):
         for t2 in cand[i:]:
@@ -1100,6 +1107,17 @@ def cmd_grades(args: argparse.Namespace) -> None:
             )
 
 
+def _index_verifier(index: Path) -> tuple[Verifier, list[str]]:
+    """An index's :class:`gate.verify.Verifier` (the gate's shift range) and the patient of each row."""
+    from gate.index_manifest import read_grids, read_manifest
+    from gate.verify import MAX_SHIFT_VOX, Verifier
+
+    m = read_manifest(index)
+    grids = read_grids(index / "grids.npy", m)
+    pids = [r.patient_id for r in m.rows]
+    return Verifier(list(grids), pids, m.poses, m.preprocess, MAX_SHIFT_VOX), pids
+
+
 def cmd_voxel_rank(args: argparse.Namespace) -> None:
     """Where the voxel channel (:meth:`gate.verify.Verifier.voxel_patients`) ranks each sample's source.
 
@@ -1107,18 +1125,13 @@ def cmd_voxel_rank(args: argparse.Namespace) -> None:
     per reference grade; writes the per-sample ranks.
     """
     from gate.cli.options import read_options
-    from gate.index_manifest import read_grids, read_manifest
-    from gate.verify import MAX_SHIFT_VOX, Verifier
     from gate.volume import DEFAULT_MAX_VOXELS, read_volumes
 
     labels = json.loads(Path(args.labels).read_text())
     rows = labels["samples"]
     ref = reference_grades(labels)
     index = Path(args.index)
-    m = read_manifest(index)
-    grids = read_grids(index / "grids.npy", m)
-    pids = [r.patient_id for r in m.rows]
-    verifier = Verifier(list(grids), pids, m.poses, m.preprocess, MAX_SHIFT_VOX)
+    verifier, pids = _index_verifier(index)
     opts = read_options(ROOT / "gate" / "models" / "demo-pseudonym.key", None, None, DEFAULT_MAX_VOXELS)
     ranks = []
     for r in rows:
@@ -1149,11 +1162,7 @@ def choose_thresholds_keeping(
     With ``keep="duplicate"``: duplicate recall 1.0 on ``truth``, the issue's target, kept.
     """
     low = min((float(x) for x, t in zip(scores, truth, strict=True) if t == keep), default=np.inf)
-    u = np.unique(scores)
-    cand = np.concatenate([[u[0] - 1e-9], (u[1:] + u[:-1]) / 2, [u[-1] + 1e-9]])
-    if len(cand) > 120:
-        cand = np.unique(np.quantile(cand, np.linspace(0, 1, 120)))
-    cand = np.unique(np.concatenate([cand, [low - 1e-9]]))
+    cand = np.unique(np.concatenate([_threshold_candidates(scores), [low - 1e-9]]))
     best = (float(cand[0]), float(cand[0]), -1.0)
     for i, t1 in enumerate(cand):
         for t2 in cand[i:]:
@@ -1179,19 +1188,14 @@ def choose_two_score_thresholds(
     copy_score: np.ndarray, grade_score: np.ndarray, truth: Sequence[str]
 ) -> tuple[float, float, float]:
     """The thresholds of :func:`grades_from_two_scores` with maximal macro-F1, duplicate recall 1.0 kept."""
-
-    def cands(x: np.ndarray) -> np.ndarray:
-        u = np.unique(x)
-        c = np.concatenate([[u[0] - 1e-9], (u[1:] + u[:-1]) / 2, [u[-1] + 1e-9]])
-        return np.unique(np.quantile(c, np.linspace(0, 1, 120))) if len(c) > 120 else c
-
     dup = [i for i, t in enumerate(truth) if t == "duplicate"]
+    low = min((float(grade_score[i]) for i in dup), default=np.inf)
+    grade_cand = np.unique(np.concatenate([_threshold_candidates(grade_score), [low - 1e-9]]))
     best = (0.0, 0.0, -1.0)
-    for t1 in cands(copy_score):
+    for t1 in _threshold_candidates(copy_score):
         if any(copy_score[i] < t1 for i in dup):
             break
-        low = min((float(grade_score[i]) for i in dup), default=np.inf)
-        for t2 in np.unique(np.concatenate([cands(grade_score), [low - 1e-9]])):
+        for t2 in grade_cand:
             if t2 > low:
                 break
             f = class_metrics(truth, grades_from_two_scores(copy_score, grade_score, t1, t2))["macro_f1"]
@@ -1212,8 +1216,6 @@ def cmd_identity(args: argparse.Namespace) -> None:
     recall 1.0), reported on the test half.
     """
     from gate.cli.options import read_options
-    from gate.index_manifest import read_grids, read_manifest
-    from gate.verify import MAX_SHIFT_VOX, Verifier
     from gate.volume import DEFAULT_MAX_VOXELS, read_volumes
 
     labels = json.loads(Path(args.labels).read_text())
@@ -1221,9 +1223,7 @@ def cmd_identity(args: argparse.Namespace) -> None:
     ref = reference_grades(labels)
     scored = {r["sample"]: r for r in json.loads(Path(args.score).read_text())["samples"]}
     index = Path(args.index)
-    m = read_manifest(index)
-    grids = read_grids(index / "grids.npy", m)
-    verifier = Verifier(list(grids), [r.patient_id for r in m.rows], m.poses, m.preprocess, MAX_SHIFT_VOX)
+    verifier, _ = _index_verifier(index)
     opts = read_options(ROOT / "gate" / "models" / "demo-pseudonym.key", None, None, DEFAULT_MAX_VOXELS)
     identity, source_first = [], 0
     for r in rows:
