@@ -815,6 +815,9 @@ def cmd_score(args: argparse.Namespace) -> None:
                 "gate_verified": next(iter(gate_by_policy.values()))[i]["details"].get("verified")
                 if gate_by_policy
                 else None,
+                "gate_identity": next(iter(gate_by_policy.values()))[i]["details"].get("identity")
+                if gate_by_policy
+                else None,
                 "dar_score": dar["scores"][i],
             }
             for i, (r, g) in enumerate(zip(rows, ref, strict=True))

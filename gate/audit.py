@@ -39,9 +39,9 @@ from gate.errors import IntegrityError
 from gate.signing import SigningKey
 from gate.values import Decision, Grade
 
-AUDIT_SCHEMA_VERSION = 2
+AUDIT_SCHEMA_VERSION = 3
 """Version of the record layout; a reader refuses records of another version (2: the verified
-score, its patient and thresholds)."""
+score, its patient and thresholds; 3: the identity score and its duplicate threshold)."""
 
 GENESIS_HASH = "0" * 64
 """``prev_hash`` of the first record of a log."""
@@ -83,6 +83,10 @@ class AuditEntry(BaseModel):
         verified_patient_id: the patient it was reached with.
         verified_similar_threshold: the resolved ``similar`` threshold of the verified score.
         verified_duplicate_threshold: the resolved ``duplicate`` threshold of the verified score.
+        identity: on a verifying index, the identity score (masked NCC of the training grid as
+            stored, no turn, no mirror, :mod:`gate.verify`) over the reported patients.
+        identity_duplicate_threshold: the resolved ``duplicate`` bound of the identity score when
+            the policy grades by it (``identity`` in the policy).
         policy_id: policy name.
         policy_sha256: sha256 of the policy file.
         provider: the onnxruntime execution provider that embedded the candidate.
@@ -114,6 +118,8 @@ class AuditEntry(BaseModel):
     verified_patient_id: str | None = None
     verified_similar_threshold: float | None = Field(default=None, allow_inf_nan=False)
     verified_duplicate_threshold: float | None = Field(default=None, allow_inf_nan=False)
+    identity: float | None = Field(default=None, allow_inf_nan=False, ge=-1.0, le=1.0)
+    identity_duplicate_threshold: float | None = Field(default=None, allow_inf_nan=False)
     policy_id: str
     policy_sha256: str
     provider: str
@@ -153,6 +159,8 @@ class AuditEntry(BaseModel):
             verified_patient_id=decision.verified_patient_id,
             verified_similar_threshold=decision.details.get("verified_similar_threshold"),
             verified_duplicate_threshold=decision.details.get("verified_duplicate_threshold"),
+            identity=decision.details.get("identity"),
+            identity_duplicate_threshold=decision.details.get("identity_duplicate_threshold"),
             policy_id=decision.policy_id,
             policy_sha256=decision.policy_sha256,
             provider=provider,

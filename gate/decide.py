@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gate.calibration import Calibration
-from gate.errors import IntegrityError
+from gate.errors import IntegrityError, PolicyError
 from gate.index_manifest import Verification
 from gate.policy import LoadedPolicy
 from gate.values import Decision, Grade, Neighbours, Verdict
@@ -75,6 +75,26 @@ def resolve_verified(policy: LoadedPolicy, verification: Verification) -> Resolv
     return ResolvedThresholds(similar=similar, duplicate=duplicate)
 
 
+def resolve_identity(policy: LoadedPolicy, verification: Verification) -> float | None:
+    """The identity score's duplicate bound (None when the policy sets none), capped at the ceiling.
+
+    Raises:
+        PolicyError: the policy sets one and the index holds no identity calibration (built
+            before the identity score: rebuild it).
+
+    """
+    bound = policy.policy.identity
+    if bound is None:
+        return None
+    if verification.identity is None or verification.copies_identity is None:
+        raise PolicyError(
+            f"policy {policy.id} grades duplicates by the identity score, but the index records no identity "
+            "calibration; rebuild it with `gate index build`"
+        )
+    value = bound.duplicate.resolve(verification.identity, "identity.duplicate", verification.copies_identity)
+    return min(value, DUPLICATE_CEILING)
+
+
 GRADE_ORDER: dict[Grade, int] = {Grade.DIFFERENT: 0, Grade.SIMILAR: 1, Grade.DUPLICATE: 2}
 """Grades from least to most similar: the decision takes the higher of the two scores' grades."""
 
@@ -102,7 +122,10 @@ def decide(
     """Judge one candidate.
 
     On an index that verifies, the verified score (:mod:`gate.verify`) is graded beside the
-    cosine and the higher grade decides: verification can only make a decision stricter.
+    cosine and the higher grade decides: verification can only make a decision stricter. A
+    policy with ``identity`` grades the verified score at most ``similar`` and makes a candidate
+    a duplicate where its identity score reaches the bound (the policy then keeps ``similar``
+    from passing, :class:`gate.policy.Policy`).
 
     Args:
         neighbours: the candidate's nearest training patients (patient-level max, closest first).
@@ -114,7 +137,8 @@ def decide(
     Returns:
         The decision; ``details`` holds the resolved thresholds and, with a calibration, the
         fraction of calibration patients less similar than this candidate; on a verifying
-        index also the verified score and its thresholds.
+        index also the verified score and its thresholds, the identity score and, under a
+        policy that grades by it, its duplicate bound.
 
     Raises:
         IntegrityError: a non-finite similarity (never a pass); an index that verifies and
@@ -151,6 +175,20 @@ def decide(
             "verified_similar_threshold": vth.similar,
             "verified_duplicate_threshold": vth.duplicate,
         }
+        identity = neighbours.nearest_identity
+        if identity is not None:
+            details["identity"] = identity
+        bound = resolve_identity(policy, verification)
+        if bound is not None:
+            if identity is None:
+                raise IntegrityError(
+                    f"policy {policy.id} grades duplicates by the identity score, but the candidate has none"
+                )
+            details["identity_duplicate_threshold"] = bound
+            if vgrade is Grade.DUPLICATE:  # the verified score tells copies from novel ones only
+                vgrade, vthreshold = Grade.SIMILAR, vth.similar
+            if identity >= bound and GRADE_ORDER[grade] < GRADE_ORDER[Grade.DUPLICATE]:
+                grade, threshold = Grade.DUPLICATE, bound
         if GRADE_ORDER[vgrade] > GRADE_ORDER[grade]:
             grade, threshold = vgrade, vthreshold
     verdict: Verdict = policy.policy.actions.for_grade(grade)
@@ -171,11 +209,11 @@ def decide(
 def pass_rate(
     pairs: np.ndarray, policy: LoadedPolicy, calibration: Calibration, verification: Verification | None
 ) -> float:
-    """Fraction of (cosine, verified) score pairs that ``policy`` passes, by :func:`decide` itself.
+    """Fraction of (cosine, verified, identity) score triples ``policy`` passes, by :func:`decide` itself.
 
     Args:
-        pairs: float (n, 2) nearest cosine and verified score per query (column 1 ignored
-            without ``verification``).
+        pairs: float (n, 3) nearest cosine, verified and identity score per query (columns 1
+            and 2 ignored without ``verification``).
         policy: the policy.
         calibration: the index's cosine calibration.
         verification: the index's verification record, or None.
@@ -184,11 +222,14 @@ def pass_rate(
     if len(pairs) == 0:
         return float("nan")
     passed = 0
-    for cos, ver in pairs.tolist():
+    if pairs.ndim != 2 or pairs.shape[1] != 3:
+        raise ValueError(f"pass_rate needs (n, 3) score triples; got shape {pairs.shape}")
+    for cos, ver, idn in pairs.tolist():
         nb = Neighbours(
             patient_ids=("p-0000000000000000",),
             similarities=np.asarray([min(max(cos, -1.0), 1.0)]),
             verified=None if verification is None else np.asarray([min(max(ver, -1.0), 1.0)]),
+            identity=None if verification is None else np.asarray([min(max(idn, -1.0), 1.0)]),
         )
         passed += decide(nb, policy, calibration, verification).passed
     return passed / len(pairs)

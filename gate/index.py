@@ -378,13 +378,7 @@ def build_index(
                     f"{encoder.preprocess.grid}"
                 )
             np.save(tmp / GRIDS_FILE, verification.grids.astype(np.float16), allow_pickle=False)
-            verification_record = Verification(
-                max_shift_vox=verification.max_shift,
-                grids_sha256=sha256_file(tmp / GRIDS_FILE),
-                calibration=verification.calibration,
-                copies=verification.copies,
-                copies_cosine=verification.copies_cosine,
-            )
+            verification_record = verification.record(sha256_file(tmp / GRIDS_FILE))
         manifest = IndexManifest(
             format_version=FORMAT_VERSION,
             space=SPACE,

@@ -97,6 +97,10 @@ class Verification(BaseModel):
         copies: simulated copies' verified scores (:func:`gate.verify.simulated_copies`),
             ascending; what a copy-aware policy threshold is read from.
         copies_cosine: the same copies' nearest cosine similarities, ascending.
+        identity: the reference patients' identity scores (the same patients as
+            ``calibration``; :meth:`gate.verify.Verifier._identity_score`), ascending; what a
+            policy's ``identity`` percentile is read from. None on an index built before it.
+        copies_identity: the simulated copies' identity scores, ascending.
 
     """
 
@@ -107,6 +111,8 @@ class Verification(BaseModel):
     calibration: Calibration
     copies: Calibration | None = None
     copies_cosine: Calibration | None = None
+    identity: Calibration | None = None
+    copies_identity: Calibration | None = None
 
 
 class IndexManifest(BaseModel):

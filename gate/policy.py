@@ -145,6 +145,20 @@ class Thresholds(BaseModel):
         return self
 
 
+class IdentityBound(BaseModel):
+    """Where the identity score (:mod:`gate.verify`) makes a candidate a duplicate.
+
+    Attributes:
+        duplicate: the identity score's lower bound of the ``duplicate`` grade; ``percentile``
+            reads the real patients' identity scores, ``copies`` the simulated copies'.
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    duplicate: Threshold
+
+
 class Actions(BaseModel):
     """What to do with a candidate of each grade."""
 
@@ -195,6 +209,10 @@ class Policy(BaseModel):
         verified: thresholds of the verified score (:mod:`gate.verify`) on an index that
             verifies; None: ``thresholds`` serve both scores, each percentile read from the
             score's own calibration.
+        identity: the identity score's duplicate bound. Set, the verified score grades at most
+            ``similar`` (different against the rest) and the identity score alone (beside the
+            cosine and the exact-copy check) grades ``duplicate``; ``actions.similar`` may then
+            not be ``pass``. None: the verified score grades all three.
 
     """
 
@@ -208,6 +226,16 @@ class Policy(BaseModel):
     aggregation: Aggregation
     exact_duplicate_check: bool
     verified: Thresholds | None = None
+    identity: IdentityBound | None = None
+
+    @model_validator(mode="after")
+    def _identity_keeps_similar_blocked(self) -> Policy:
+        if self.identity is not None and self.actions.similar is Verdict.PASS:
+            raise ValueError(
+                "identity grades duplicate against similar, so a verified score in the duplicate band "
+                "is graded similar; actions.similar must then be flag or reject, found 'pass'"
+            )
+        return self
 
     @property
     def verified_thresholds(self) -> Thresholds:
@@ -386,6 +414,8 @@ def at_least_as_strict(
     for grade in (Grade.DIFFERENT, Grade.SIMILAR, Grade.DUPLICATE):
         if VERDICT_SEVERITY[pa.actions.for_grade(grade)] < VERDICT_SEVERITY[pb.actions.for_grade(grade)]:
             return False
+    if not _identity_at_least_as_strict(pa, pb, verification):
+        return False
     copies_cos = verification.copies_cosine if verification is not None else None
     pairs = [(pa.thresholds, pb.thresholds, calibration, copies_cos)]
     if verification is not None:
@@ -406,3 +436,30 @@ def at_least_as_strict(
             except (PolicyError, UsageError):
                 return False
     return True
+
+
+def _identity_at_least_as_strict(pa: Policy, pb: Policy, verification: Verification | None) -> bool:
+    """Whether ``pa``'s identity rule can never make a candidate milder than ``pb`` grades it.
+
+    With ``identity`` set a policy grades a verified duplicate ``similar`` unless the identity
+    score reaches its bound, so where ``pa`` sets it and ``pb`` does not, or sets a lower bound
+    (``pa`` may then miss duplicates ``pb`` finds), ``pa`` is provably as strict only when its
+    ``similar`` action is already ``reject`` (the verdict of both grades). Both with a bound:
+    ``pa``'s must be no higher than ``pb``'s.
+    """
+    if pa.identity is None and pb.identity is None:
+        return True
+    similar_rejects = pa.actions.similar is Verdict.REJECT
+    if pa.identity is None or pb.identity is None:
+        return similar_rejects
+    ta, tb = pa.identity.duplicate, pb.identity.duplicate
+    if ta.kind == tb.kind:
+        return ta.value <= tb.value or similar_rejects
+    if verification is None:
+        return similar_rejects
+    try:
+        a_bound = ta.resolve(verification.identity, "identity.duplicate", verification.copies_identity)
+        b_bound = tb.resolve(verification.identity, "identity.duplicate", verification.copies_identity)
+    except (PolicyError, UsageError):
+        return similar_rejects
+    return a_bound <= b_bound or similar_rejects

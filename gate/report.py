@@ -491,7 +491,8 @@ def _html(
     ]
     header = (
         "<table><tr><th>seq</th><th>sample</th><th>verdict</th><th>grade</th><th>similarity</th>"
-        "<th>threshold</th><th>verified</th><th>verified threshold</th><th>exact copy</th>"
+        "<th>threshold</th><th>verified</th><th>verified threshold</th><th>identity</th>"
+        "<th>identity duplicate bound</th><th>exact copy</th>"
         "<th>nearest patient</th><th>montage</th></tr>"
     )
     for key in ("released", "duplicate", "similar"):
@@ -505,6 +506,7 @@ def _html(
                 f"<tr><td>{rec.seq}</td><td>{esc(rec.sample_id or '-')}</td><td>{esc(rec.verdict)}</td>"
                 f"<td>{esc(_grade(rec))}</td><td>{_num(rec.similarity)}</td><td>{_num(rec.threshold)}</td>"
                 f"<td>{_num(rec.verified)}</td><td>{_num(rec.verified_similar_threshold)}</td>"
+                f"<td>{_num(rec.identity)}</td><td>{_num(rec.identity_duplicate_threshold)}</td>"
                 f"<td>{'yes' if rec.exact_duplicate else 'no'}</td>"
                 f"<td>{esc(rec.nearest_patient_id or '-')}</td><td>{cells.get(rec.seq, '')}</td></tr>"
             )

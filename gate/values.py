@@ -112,6 +112,10 @@ class Neighbours:
             not known (the Ray shard fan-out fills it too).
         verified: per patient, the verified score (:mod:`gate.verify`: best masked NCC over
             integer shifts, in [-1, 1]) in ``patient_ids`` order; None when not verified.
+        identity: per patient, the identity score (:mod:`gate.verify`: the masked NCC of the
+            patient's training grid as stored, no turn and no mirror, best over integer shifts,
+            in [-1, 1]; -1 for a patient verification did not refine), in ``patient_ids``
+            order; None when not verified. Only with ``verified``.
 
     """
 
@@ -120,6 +124,7 @@ class Neighbours:
     exact_duplicate: bool = False
     matched: tuple[tuple[int, int], ...] = ()
     verified: np.ndarray | None = None
+    identity: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.patient_ids) == 0:
@@ -144,6 +149,18 @@ class Neighbours:
                 raise ValueError("Neighbours.verified must be one finite score per patient")
             if np.any(np.abs(self.verified) > 1.0 + 1e-6):
                 raise ValueError("Neighbours.verified must be correlations in [-1, 1]")
+        if self.identity is not None:
+            if self.verified is None:
+                raise ValueError("Neighbours.identity is scored only beside Neighbours.verified")
+            if self.identity.shape != (len(self.patient_ids),) or not np.all(np.isfinite(self.identity)):
+                raise ValueError("Neighbours.identity must be one finite score per patient")
+            if np.any(np.abs(self.identity) > 1.0 + 1e-6):
+                raise ValueError("Neighbours.identity must be correlations in [-1, 1]")
+
+    @property
+    def nearest_identity(self) -> float | None:
+        """The highest identity score over the reported patients (None when not scored)."""
+        return None if self.identity is None else float(self.identity.max())
 
     @property
     def nearest_verified(self) -> float | None:
@@ -182,6 +199,7 @@ def merge_neighbours(parts: Sequence[Neighbours], k: int, keep: Sequence[str] = 
     best: dict[str, float] = {}
     matched: dict[str, tuple[int, int]] = {}
     verified: dict[str, float] = {}
+    identity: dict[str, float] = {}
     for n in parts:
         for i, (pid, sim) in enumerate(zip(n.patient_ids, n.similarities, strict=True)):
             if float(sim) > best.get(pid, -2.0):
@@ -190,17 +208,21 @@ def merge_neighbours(parts: Sequence[Neighbours], k: int, keep: Sequence[str] = 
                     matched[pid] = n.matched[i]
             if n.verified is not None:
                 verified[pid] = max(verified.get(pid, -1.0), float(n.verified[i]))
+            if n.identity is not None:
+                identity[pid] = max(identity.get(pid, -1.0), float(n.identity[i]))
     ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)
     top = {pid for pid, _ in ranked[:k]} | {pid for pid in keep if pid in best}
     ranked = [(pid, sim) for pid, sim in ranked if pid in top]
     ids = tuple(pid for pid, _ in ranked)
     all_verified = all(n.verified is not None for n in parts)
+    all_identity = all_verified and all(n.identity is not None for n in parts)
     return Neighbours(
         patient_ids=ids,
         similarities=np.asarray([sim for _, sim in ranked], dtype=np.float64),
         exact_duplicate=any(n.exact_duplicate for n in parts),
         matched=tuple(matched[p] for p in ids) if all(p in matched for p in ids) else (),
         verified=np.asarray([verified.get(p, -1.0) for p in ids]) if all_verified else None,
+        identity=np.asarray([identity.get(p, -1.0) for p in ids]) if all_identity else None,
     )
 
 

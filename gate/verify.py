@@ -44,7 +44,7 @@ from gate.preprocess import (
 from gate.values import Neighbours, Volume, merge_neighbours
 
 if TYPE_CHECKING:
-    from gate.index_manifest import EmbeddingModel
+    from gate.index_manifest import EmbeddingModel, Verification
 
 MAX_SHIFT_VOX = 8
 """Shifts searched per axis, voxels (+-): the benchmark's widest translation and crop shift (8
@@ -1254,6 +1254,7 @@ class Verifier:
         content = view.content()
         content_differs = not np.array_equal(content.mask, view.mask)
         whole = view.whole() if WHOLE_GRID else None
+        identity = [-1.0] * len(scores)
         for _, i, _, flip, angles, aligned in refine:
             (grid, mask), (grid_c, mask_c) = full_of(i), halves[i]
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
@@ -1268,7 +1269,39 @@ class Verifier:
                 else:
                     full_mask = _turned_full_mask(mask.shape, flip, turn)
                     scores[i] = max(scores[i], whole.align(turned[0], full_mask).ncc)
-        return dataclasses.replace(neighbours, verified=np.asarray(scores, dtype=np.float64))
+            identity[i] = self._identity_score(view, whole, grid, mask)
+        return dataclasses.replace(
+            neighbours,
+            verified=np.asarray(scores, dtype=np.float64),
+            identity=np.asarray(identity, dtype=np.float64),
+        )
+
+    @staticmethod
+    def _identity_score(view: View, whole: View | None, grid: np.ndarray, mask: np.ndarray) -> float:
+        """The identity score of one training grid: aligned as stored, no turn, no mirror.
+
+        The best masked NCC over :attr:`max_shift` integer shifts on the candidate's view and, with
+        :data:`WHOLE_GRID`, on its whole view (padding counted). The search on top of it (turns,
+        mirror, content view) is what lets a turned or cut copy be found, and it lifts a sample
+        the reference calls similar by more than a duplicate (+0.018 against +0.007 on the real-LDM
+        benchmark, docs/ldm_copies.md); this score keeps the gap, so policies grade duplicate
+        against similar on it (``identity`` in a policy).
+
+        Args:
+            view: the candidate's view at the aligned resolution.
+            whole: its whole view, or None.
+            grid: float32 (X, Y, Z) the training grid at that resolution, padding 0.
+            mask: bool, same shape, its validity mask.
+
+        """
+        terms = view.template_terms(grid, mask)
+        score = view.align(grid, mask, terms=terms).ncc
+        if whole is not None and not (whole is view and mask.all()):
+            if mask.all():  # the full mask's spectra are the ones made
+                score = max(score, whole.align(grid, mask, terms=terms).ncc)
+            else:
+                score = max(score, whole.align(grid, np.ones_like(mask)).ncc)
+        return float(score)
 
     def _half_of(
         self, patient_id: str, volume: int, full: Callable[[], tuple[np.ndarray, np.ndarray]]
@@ -1503,18 +1536,21 @@ def retrieve_and_verify(
 
 
 def reported(nb: Neighbours, k: int) -> Neighbours:
-    """The ``k`` nearest by cosine, and the best verified patient after them if it is not one."""
+    """The ``k`` nearest by cosine, then the best verified and the best identity patient if not among them."""
     keep = list(range(min(k, len(nb.patient_ids))))
-    if nb.verified is not None:
-        best = int(np.argmax(nb.verified))
-        if best not in keep:
-            keep.append(best)
+    for scores in (nb.verified, nb.identity):
+        if scores is not None:
+            best = int(np.argmax(scores))
+            if best not in keep:
+                keep.append(best)
+    keep.sort()  # cosine order: the two added patients lie past the k nearest, in either order
     return Neighbours(
         patient_ids=tuple(nb.patient_ids[i] for i in keep),
         similarities=nb.similarities[keep],
         exact_duplicate=nb.exact_duplicate,
         matched=tuple(nb.matched[i] for i in keep) if nb.matched else (),
         verified=None if nb.verified is None else nb.verified[keep],
+        identity=None if nb.identity is None else nb.identity[keep],
     )
 
 
@@ -1599,9 +1635,13 @@ class VerifySetup:
             thresholds see the scores `gate check` will compute.
         copies: simulated copies' verified scores.
         copies_cosine: simulated copies' nearest cosine similarities.
-        novel_pairs: float64 (n, 2) per reference query, (nearest cosine, verified score): what
-            ``gate index build`` reports each policy's pass rate on (not stored).
-        copy_pairs: float64 (m, 2) the same per simulated copy (not stored).
+        identity: the reference patients' identity scores (:meth:`Verifier._identity_score`, the
+            highest over the refined patients).
+        copies_identity: the simulated copies' identity scores.
+        novel_pairs: float64 (n, 3) per reference query, (nearest cosine, verified score,
+            identity score): what ``gate index build`` reports each policy's pass rate on (not
+            stored).
+        copy_pairs: float64 (m, 3) the same per simulated copy (not stored).
 
     """
 
@@ -1611,8 +1651,29 @@ class VerifySetup:
     cosine_calibration: Calibration
     copies: Calibration
     copies_cosine: Calibration
+    identity: Calibration
+    copies_identity: Calibration
     novel_pairs: np.ndarray
     copy_pairs: np.ndarray
+
+    def record(self, grids_sha256: str) -> Verification:
+        """The manifest's :class:`~gate.index_manifest.Verification` of this setup: its one definition.
+
+        Args:
+            grids_sha256: sha256 of the stored ``grids.npy``.
+
+        """
+        from gate.index_manifest import Verification
+
+        return Verification(
+            max_shift_vox=self.max_shift,
+            grids_sha256=grids_sha256,
+            calibration=self.calibration,
+            copies=self.copies,
+            copies_cosine=self.copies_cosine,
+            identity=self.identity,
+            copies_identity=self.copies_identity,
+        )
 
 
 def _calibration(method: CalibrationMethod, values: Sequence[float]) -> Calibration:
@@ -1662,17 +1723,20 @@ def prepare_verification(
     verifier = Verifier(list(grids), pids, poses, config, max_shift)
     rng = np.random.default_rng(seed)
 
-    def best(query: np.ndarray, view: View, exclude: str | None) -> tuple[float, float]:
-        """What `gate check` would answer: identity and shifted views searched, then verified."""
+    def best(query: np.ndarray, view: View, exclude: str | None) -> tuple[float, float, float]:
+        """What `gate check` would answer: (verified, cosine, identity), the views searched, then verified."""
         nb = exact_neighbours(query, vectors, row_pids, n_poses, ordinals, k, exclude)
         search = exact_grid_search(embed, vectors, row_pids, n_poses, ordinals, exclude)
         (out,) = retrieve_and_verify(verifier, [nb], [view], search, k)
-        v = out.verified
-        return float(v.max()) if v is not None else -1.0, out.nearest_similarity
+        v, idn = out.nearest_verified, out.nearest_identity
+        if v is None or idn is None:
+            raise IntegrityError("calibration: verification returned no score")
+        return v, out.nearest_similarity, idn
 
     per_patient: dict[str, float] = {}
     per_patient_cos: dict[str, float] = {}
-    novel_pairs: list[tuple[float, float]] = []
+    per_patient_id: dict[str, float] = {}
+    novel_pairs: list[tuple[float, float, float]] = []
     if held:
         if held_vectors is None or len(held_vectors) != len(held):
             raise ValueError("holdout calibration needs one embedding per holdout volume")
@@ -1680,21 +1744,23 @@ def prepare_verification(
         if len(order) > CALIBRATION_MAX_QUERIES:
             order = np.sort(rng.choice(len(order), CALIBRATION_MAX_QUERIES, replace=False))
         for i in order.tolist():
-            score, cos = best(held_vectors[i], verifier.view(held[i]), None)
-            novel_pairs.append((cos, score))
+            score, cos, idn = best(held_vectors[i], verifier.view(held[i]), None)
+            novel_pairs.append((cos, score, idn))
             pid = held[i].patient_id
             per_patient[pid] = max(per_patient.get(pid, -1.0), score)
             per_patient_cos[pid] = max(per_patient_cos.get(pid, -1.0), cos)
+            per_patient_id[pid] = max(per_patient_id.get(pid, -1.0), idn)
         method = CalibrationMethod.HOLDOUT
     else:
         order = np.arange(len(volumes))
         if len(order) > CALIBRATION_MAX_QUERIES:
             order = np.sort(rng.choice(len(order), CALIBRATION_MAX_QUERIES, replace=False))
         for i in order.tolist():
-            score, cos = best(vectors[i * n_poses], View(*views[i]), pids[i])
-            novel_pairs.append((cos, score))
+            score, cos, idn = best(vectors[i * n_poses], View(*views[i]), pids[i])
+            novel_pairs.append((cos, score, idn))
             per_patient[pids[i]] = max(per_patient.get(pids[i], -1.0), score)
             per_patient_cos[pids[i]] = max(per_patient_cos.get(pids[i], -1.0), cos)
+            per_patient_id[pids[i]] = max(per_patient_id.get(pids[i], -1.0), idn)
         method = CalibrationMethod.LEAVE_ONE_PATIENT_OUT
     sample = np.arange(len(volumes))
     if len(sample) > CALIBRATION_MAX_QUERIES:
@@ -1704,11 +1770,12 @@ def prepare_verification(
     copy_vectors = np.concatenate(
         [embed(np.ascontiguousarray(centres[i : i + 64])) for i in range(0, len(centres), 64)]
     )
-    copy_verified, copy_cosine = [], []
+    copy_verified, copy_cosine, copy_identity = [], [], []
     for c, q in zip(copies, copy_vectors, strict=True):
-        score, cos = best(q.astype(np.float32), View(c.image, c.mask), None)
+        score, cos, idn = best(q.astype(np.float32), View(c.image, c.mask), None)
         copy_verified.append(score)
         copy_cosine.append(cos)
+        copy_identity.append(idn)
     return VerifySetup(
         grids=grids,
         max_shift=max_shift,
@@ -1716,6 +1783,8 @@ def prepare_verification(
         cosine_calibration=_calibration(method, list(per_patient_cos.values())),
         copies=_calibration(CalibrationMethod.SIMULATED_COPIES, copy_verified),
         copies_cosine=_calibration(CalibrationMethod.SIMULATED_COPIES, copy_cosine),
-        novel_pairs=np.asarray(novel_pairs, dtype=np.float64).reshape(-1, 2),
-        copy_pairs=np.stack([copy_cosine, copy_verified], axis=1).astype(np.float64),
+        identity=_calibration(method, list(per_patient_id.values())),
+        copies_identity=_calibration(CalibrationMethod.SIMULATED_COPIES, copy_identity),
+        novel_pairs=np.asarray(novel_pairs, dtype=np.float64).reshape(-1, 3),
+        copy_pairs=np.stack([copy_cosine, copy_verified, copy_identity], axis=1).astype(np.float64),
     )

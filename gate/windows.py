@@ -211,17 +211,20 @@ def verify_windows(
     views: dict[tuple[int, int, int], View] = {}
     located = located or {}
 
-    def verified_at(pid: str, s: tuple[int, int, int], nb: Neighbours) -> float:
+    def verified_at(pid: str, s: tuple[int, int, int], nb: Neighbours) -> tuple[float, float]:
+        """(verified, identity) score of patient ``pid`` on the window at ``s``."""
         i = nb.patient_ids.index(pid)
         if not nb.matched:
             raise IntegrityError(f"{base.source}: verification found no matched window for a neighbour")
         if s not in views:
             views[s] = margin_view(base, s, config, verifier.max_shift)
         single = Neighbours((pid,), nb.similarities[i : i + 1], matched=(nb.matched[i],))
-        verified = verifier.verify(single, views[s]).verified
-        return float(verified[0]) if verified is not None else -1.0
+        out = verifier.verify(single, views[s])
+        if out.verified is None or out.identity is None:
+            raise IntegrityError(f"{base.source}: verification returned no score for a neighbour")
+        return float(out.verified[0]), float(out.identity[0])
 
-    scores = []
+    scores, identity = [], []
     for pid in merged.patient_ids:
         tries: list[tuple[tuple[int, int, int], Neighbours]] = []
         best_sim = -2.0
@@ -234,8 +237,12 @@ def verify_windows(
             tries.append(located[pid])
         if not tries:
             raise IntegrityError(f"{base.source}: verification found no matched window for a neighbour")
-        scores.append(max(verified_at(pid, s, nb) for s, nb in tries))
-    return dataclasses.replace(merged, verified=np.asarray(scores, dtype=np.float64))
+        both = [verified_at(pid, s, nb) for s, nb in tries]
+        scores.append(max(v for v, _ in both))
+        identity.append(max(x for _, x in both))
+    return dataclasses.replace(
+        merged, verified=np.asarray(scores, dtype=np.float64), identity=np.asarray(identity, dtype=np.float64)
+    )
 
 
 def locate_patients(

@@ -164,7 +164,7 @@ def test_unreadable_input_fails_closed(
 def test_integrity_and_policy_errors(runner: CliRunner, index_dir: Path, train_dir: Path) -> None:
     bad_policy = runner.invoke(main, ["check", str(train_dir), "--policy", "lax", "--index", str(index_dir)])
     assert bad_policy.exit_code == 2
-    assert "unknown policy 'lax': expected one of permissive, standard, strict" in bad_policy.output
+    assert "unknown policy 'lax': expected one of deepssim, permissive, standard, strict" in bad_policy.output
     (index_dir / "vectors.npy").write_bytes(b"x")
     broken = runner.invoke(main, ["check", str(train_dir), "--index", str(index_dir)])
     assert broken.exit_code == 3

@@ -109,7 +109,7 @@ def test_entry_point_in_fresh_interpreter(tmp_path: Path) -> None:
         [sys.executable, "-m", "gate", "info"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    assert "policies: permissive, standard, strict" in proc.stdout
+    assert "policies: deepssim, permissive, standard, strict" in proc.stdout
 
 
 def _closed_pipe(args: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:

@@ -14,7 +14,7 @@ from gate.errors import PolicyError
 from gate.policy import LoadedPolicy, Policy, at_least_as_strict, load_policy
 from gate.values import VERDICT_SEVERITY, Grade, Neighbours, Verdict
 
-SHIPPED = [load_policy(n) for n in ("strict", "standard", "permissive")]
+SHIPPED = [load_policy(n) for n in ("strict", "standard", "permissive", "deepssim")]
 
 
 def calibration(values: list[float]) -> Calibration:
@@ -200,6 +200,10 @@ def verifying_policy(draw: st.DrawFn) -> LoadedPolicy:
     }
     if draw(st.booleans()):
         fields["verified"] = _thresholds(draw)
+    if actions[1] is not Verdict.PASS and draw(st.booleans()):
+        kind = draw(st.sampled_from(["absolute", "percentile", "copies"]))
+        value = draw(st.floats(-1, 1)) if kind == "absolute" else draw(st.floats(0, 100))
+        fields["identity"] = {"duplicate": {"kind": kind, "value": value}}
     return LoadedPolicy(policy=Policy.model_validate(fields), id="random", sha256="0" * 64)
 
 
@@ -208,27 +212,39 @@ def verifying_policy(draw: st.DrawFn) -> LoadedPolicy:
     data=st.data(),
     sim=similarities,
     ver=similarities,
+    idn=similarities,
     cal=calibrations,
     vcal=calibrations,
     copies=calibrations,
     copies_cos=calibrations,
+    ical=calibrations,
+    icopies=calibrations,
     exact=st.booleans(),
 )
 def test_at_least_as_strict_is_sound_with_verification(
     data: st.DataObject,
     sim: float,
     ver: float,
+    idn: float,
     cal: Calibration,
     vcal: Calibration,
     copies: Calibration,
     copies_cos: Calibration,
+    ical: Calibration,
+    icopies: Calibration,
     exact: bool,
 ) -> None:
-    """On a verifying index, a policy proven stricter is never milder, whatever both scores are."""
+    """On a verifying index, a policy proven stricter is never milder, whatever the three scores are."""
     from gate.index_manifest import Verification
 
     record = Verification(
-        max_shift_vox=8, grids_sha256="0" * 64, calibration=vcal, copies=copies, copies_cosine=copies_cos
+        max_shift_vox=8,
+        grids_sha256="0" * 64,
+        calibration=vcal,
+        copies=copies,
+        copies_cosine=copies_cos,
+        identity=ical,
+        copies_identity=icopies,
     )
     a, b = (data.draw(st.composite(verifying_policy)()) for _ in range(2))
     if at_least_as_strict(a, b, cal, record):
@@ -237,6 +253,7 @@ def test_at_least_as_strict_is_sound_with_verification(
             similarities=np.array([sim]),
             exact_duplicate=exact,
             verified=np.array([ver]),
+            identity=np.array([idn]),
         )
         va, vb = decide(nb, a, cal, record).verdict, decide(nb, b, cal, record).verdict
         assert VERDICT_SEVERITY[va] >= VERDICT_SEVERITY[vb]
@@ -250,10 +267,19 @@ def test_every_policy_rejects_an_exact_copy_on_a_verifying_index(
     from gate.index_manifest import Verification
 
     record = Verification(
-        max_shift_vox=8, grids_sha256="0" * 64, calibration=vcal, copies=vcal, copies_cosine=cal
+        max_shift_vox=8,
+        grids_sha256="0" * 64,
+        calibration=vcal,
+        copies=vcal,
+        copies_cosine=cal,
+        identity=vcal,
+        copies_identity=vcal,
     )
     nb = Neighbours(
-        patient_ids=("p-0000000000000001",), similarities=np.array([sim]), verified=np.array([ver])
+        patient_ids=("p-0000000000000001",),
+        similarities=np.array([sim]),
+        verified=np.array([ver]),
+        identity=np.array([ver]),
     )
     for p in SHIPPED:
         assert decide(nb, p, cal, record).verdict is Verdict.REJECT

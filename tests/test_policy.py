@@ -10,7 +10,7 @@ from gate.calibration import Calibration, CalibrationMethod
 from gate.errors import PolicyError
 from gate.policy import Policy, at_least_as_strict, load_policy, policy_names, policy_path
 
-SHIPPED = ("permissive", "standard", "strict")
+SHIPPED = ("deepssim", "permissive", "standard", "strict")
 
 
 def write_policy(tmp_path: Path, name: str = "custom", **changes: object) -> Path:
@@ -82,7 +82,7 @@ def test_mixed_kinds_need_calibration(tmp_path: Path) -> None:
 def test_unknown_policy_name_lists_available() -> None:
     with pytest.raises(
         PolicyError,
-        match=r"^unknown policy 'lax': expected one of permissive, standard, strict "
+        match=r"^unknown policy 'lax': expected one of deepssim, permissive, standard, strict "
         r"or a path to a .yaml file$",
     ):
         load_policy("lax")
@@ -120,7 +120,7 @@ def test_unknown_field_lists_allowed_fields(tmp_path: Path) -> None:
     with pytest.raises(
         PolicyError,
         match=r"k_nearest: unknown field; allowed fields: schema_version, description, "
-        r"thresholds, actions, k, aggregation, exact_duplicate_check, verified$",
+        r"thresholds, actions, k, aggregation, exact_duplicate_check, verified, identity$",
     ):
         load_policy(str(path))
 

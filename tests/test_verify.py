@@ -12,9 +12,9 @@ from gate import copies as cp
 from gate import verify
 from gate.calibration import Calibration, CalibrationMethod
 from gate.decide import decide, pass_rate
-from gate.errors import IntegrityError
+from gate.errors import IntegrityError, PolicyError
 from gate.index_manifest import Verification
-from gate.policy import LoadedPolicy, load_policy
+from gate.policy import LoadedPolicy, load_policy, policy_path
 from gate.poses import COMPACT_POSES, IDENTITY_ONLY, Pose, apply_pose
 from gate.preprocess import PreprocessConfig
 from gate.values import Grade, Neighbours, Verdict, Volume, merge_neighbours
@@ -503,7 +503,7 @@ def test_decision_takes_the_higher_grade_of_the_two_scores() -> None:
 
 def test_pass_rate_runs_the_decision() -> None:
     policy, calibration, record = _standard()
-    pairs = np.asarray([[0.6, 0.5], [0.6, 0.95], [0.95, 0.5]])
+    pairs = np.asarray([[0.6, 0.5, 0.5], [0.6, 0.95, 0.95], [0.95, 0.5, 0.5]])
     assert pass_rate(pairs, policy, calibration, record) == pytest.approx(1 / 3)
 
 
@@ -750,3 +750,79 @@ def test_verify_on_a_large_grid_aligns_blocks_and_still_tells_the_copy(tmp_path:
     assert content.shape == view.shape and not (content & ~view.mask).any()
     assert 0.5 < content.sum() / view.mask.sum() < 1.0  # the turn's zero-filled corners left out
     assert verifier.voxel_patients(view, n=1) == (pids[0],)
+
+
+def test_identity_score_is_the_untransformed_ncc_and_a_turn_lifts_only_the_verified_score(
+    hippo: list[Volume],
+) -> None:
+    """The identity score of a turned copy stays below its verified score; of an exact copy it is 1."""
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    img, mask = verify.grid_with_mask(hippo[0], CFG, S)
+    nb = Neighbours(tuple(pids[:3]), np.linspace(0.9, 0.8, 3), matched=tuple((0, 0) for _ in range(3)))
+    same = verifier.verify(nb, verify.View(img, mask))
+    assert same.identity is not None and same.identity[0] == pytest.approx(1.0, abs=1e-5)
+    turned = apply_pose(img, Pose(rotate_deg=(10.0, -8.0, 6.0)))
+    out = verifier.verify(nb, verify.View(turned, mask))
+    assert out.verified is not None and out.identity is not None
+    assert out.verified[0] > out.identity[0] + 0.02
+    grid, gmask = verifier.template(pids[0], 0)
+    view = verify.View(turned, mask)
+    by_hand = max(view.align(grid, gmask).ncc, view.whole().align(grid, np.ones_like(gmask)).ncc)
+    assert out.identity[0] == pytest.approx(by_hand, abs=1e-12)
+    assert out.nearest_identity == out.identity.max()
+
+
+def test_reported_keeps_cosine_order_with_the_best_verified_and_identity_patients() -> None:
+    pids = tuple(f"p-{i:016x}" for i in range(8))
+    nb = Neighbours(
+        pids,
+        np.linspace(0.9, 0.7, 8),
+        verified=np.asarray([0.1] * 6 + [0.2, 0.9]),
+        identity=np.asarray([0.1] * 6 + [0.8, 0.3]),
+    )
+    out = verify.reported(nb, 3)
+    assert out.patient_ids == pids[:3] + pids[6:]
+    assert out.identity is not None and out.identity.tolist() == [0.1, 0.1, 0.1, 0.8, 0.3]
+
+
+def _identity_record() -> Verification:
+    base = _record(list(np.linspace(0.4, 0.8, 100)), list(np.linspace(0.9, 1.0, 100)))
+    cal = Calibration(
+        method=CalibrationMethod.LEAVE_ONE_PATIENT_OUT,
+        n_patients=100,
+        similarities=tuple(np.linspace(0.3, 0.8, 100)),
+    )
+    return base.model_copy(update={"identity": cal, "copies_identity": base.copies})
+
+
+def test_identity_grades_duplicate_against_similar_and_never_lets_a_copy_pass() -> None:
+    policy = load_policy("deepssim")
+    calibration, record = _standard()[1], _identity_record()
+
+    def judged(cos: float, ver: float, idn: float) -> tuple[Grade, Verdict]:
+        nb = Neighbours(
+            ("p-0000000000000001",), np.asarray([cos]), verified=np.asarray([ver]), identity=np.asarray([idn])
+        )
+        d = decide(nb, policy, calibration, record)
+        assert d.details["identity"] == pytest.approx(idn)
+        assert d.details["identity_duplicate_threshold"] == pytest.approx(0.887)
+        return d.grade, d.verdict
+
+    assert judged(0.6, 0.95, 0.86) == (Grade.SIMILAR, Verdict.REJECT)  # verified alone: similar at most
+    assert judged(0.6, 0.95, 0.90) == (Grade.DUPLICATE, Verdict.REJECT)
+    assert judged(0.6, 0.5, 0.90) == (Grade.DUPLICATE, Verdict.REJECT)  # identity only raises
+    assert judged(0.6, 0.5, 0.5) == (Grade.DIFFERENT, Verdict.PASS)
+    nb = Neighbours(("p-0000000000000001",), np.asarray([0.6]), verified=np.asarray([0.5]))
+    with pytest.raises(IntegrityError, match="has none"):
+        decide(nb, policy, calibration, record)
+    with pytest.raises(PolicyError, match="no identity calibration"):
+        decide(nb, policy, calibration, _standard()[2])
+
+
+def test_a_policy_grading_by_identity_may_not_pass_similar(tmp_path: Path) -> None:
+    text = policy_path("deepssim").read_text().replace("  similar: reject", "  similar: pass")
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(PolicyError, match=r"actions\.similar must then be flag or reject"):
+        load_policy(str(tmp_path / "p.yaml"))

@@ -120,18 +120,21 @@ def check(
         f"encoder {encoder.sha256[:12]}…"
     )
     click.echo(
-        f"{'verdict':<7} {'grade':<9} {'similarity':>10} {'threshold':>9} {'verified':>8} {'exact':<5} "
-        f"{'nearest patient':<18} source"
+        f"{'verdict':<7} {'grade':<9} {'similarity':>10} {'threshold':>9} {'verified':>8} {'identity':>8} "
+        f"{'exact':<5} {'nearest patient':<18} source"
     )
     for vol, dec in zip(volumes, decisions, strict=True):
         verified = dec.details.get("verified")
         shown = f"{verified:>8.4f}" if verified is not None else f"{'-':>8}"
+        identity = dec.details.get("identity")
+        shown_id = f"{identity:>8.4f}" if identity is not None else f"{'-':>8}"
         click.echo(
             f"{dec.verdict.value:<7} {dec.grade.value:<9} {dec.similarity:>10.4f} {dec.threshold:>9.4f} "
-            f"{shown} {'yes' if dec.exact_duplicate else 'no':<5} {dec.nearest_patient_id:<18} {vol.source}"
+            f"{shown} {shown_id} {'yes' if dec.exact_duplicate else 'no':<5} {dec.nearest_patient_id:<18} "
+            f"{vol.source}"
         )
     for err in errors:
-        click.echo(f"{'ERROR':<7} {'-':<9} {'-':>10} {'-':>9} {'-':>8} {'-':<5} {'-':<18} {err}")
+        click.echo(f"{'ERROR':<7} {'-':<9} {'-':>10} {'-':>9} {'-':>8} {'-':>8} {'-':<5} {'-':<18} {err}")
     click.echo(
         f"checked {len(decisions)}: {counts[Verdict.PASS]} pass, {counts[Verdict.FLAG]} flag, "
         f"{counts[Verdict.REJECT]} reject; {len(errors)} unreadable"
@@ -199,6 +202,7 @@ def _result(source: str, dec: Decision, neighbours: Neighbours) -> dict[str, Any
         "neighbours": [
             {"patient_id": pid, "similarity": float(s)}
             | ({} if neighbours.verified is None else {"verified": float(neighbours.verified[i])})
+            | ({} if neighbours.identity is None else {"identity": float(neighbours.identity[i])})
             for i, (pid, s) in enumerate(zip(neighbours.patient_ids, neighbours.similarities, strict=True))
         ],
     }

@@ -367,7 +367,6 @@ def _echo_verification(setup: VerifySetup | None, calibration: Calibration) -> N
         click.echo("  verification: off (--no-verify)")
         return
     from gate.decide import pass_rate
-    from gate.index_manifest import Verification
     from gate.policy import load_policy, policy_names
 
     cal, copies = setup.calibration, setup.copies
@@ -377,13 +376,13 @@ def _echo_verification(setup: VerifySetup | None, calibration: Calibration) -> N
         f"max {cal.similarities[-1]:.4f}; of {copies.n_patients} simulated copies "
         f"min {copies.similarities[0]:.4f} p1 {float(np.percentile(copies.similarities, 1)):.4f}"
     )
-    record = Verification(
-        max_shift_vox=setup.max_shift,
-        grids_sha256="0" * 64,
-        calibration=setup.calibration,
-        copies=setup.copies,
-        copies_cosine=setup.copies_cosine,
+    ident, copies_ident = setup.identity, setup.copies_identity
+    click.echo(
+        f"  identity score of real patients p50 {float(np.percentile(ident.similarities, 50)):.4f} "
+        f"max {ident.similarities[-1]:.4f}; of simulated copies p50 "
+        f"{float(np.percentile(copies_ident.similarities, 50)):.4f} max {copies_ident.similarities[-1]:.4f}"
     )
+    record = setup.record("0" * 64)
     for name in policy_names():
         policy = load_policy(name)
         try:
