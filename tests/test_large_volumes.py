@@ -150,8 +150,10 @@ def test_build_and_check_a_volume_of_this_size(
 
     copy = train / "patient1.nii.gz"
     out = _run(["check", str(copy), "--index", str(idx), "--policy", "strict", "--device", "cpu"], (1,))
+    header = next(line for line in out.splitlines() if line.startswith("verdict"))
     row = next(line for line in out.splitlines() if line.endswith(str(copy)))
-    assert row.split()[:2] == ["reject", "duplicate"] and row.split()[5] == "yes"
+    columns = dict(zip(header.split(), row.split(), strict=False))
+    assert (columns["verdict"], columns["grade"], columns["exact"]) == ("reject", "duplicate", "yes")
 
     other = CASES[FOREIGN[name]]
     foreign = cand / "foreign.nii.gz"
