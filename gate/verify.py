@@ -1260,16 +1260,19 @@ class Verifier:
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
             turned = _turned(grid, mask, flip, turn)
             terms = view.template_terms(*turned)  # one set of spectra for both views
-            scores[i] = view.align(*turned, terms=terms).ncc
-            if content_differs:
-                scores[i] = max(scores[i], content.align(*turned, terms=terms).ncc)
-            if whole is not None and not (whole is view and mask.all()):
+            as_is = view.align(*turned, terms=terms).ncc  # on the view and the whole view: the
+            if whole is not None and not (whole is view and mask.all()):  # identity score's parts
                 if mask.all():  # turned[1] is the full mask turned: its spectra are made
-                    scores[i] = max(scores[i], whole.align(*turned, terms=terms).ncc)
+                    as_is = max(as_is, whole.align(*turned, terms=terms).ncc)
                 else:
                     full_mask = _turned_full_mask(mask.shape, flip, turn)
-                    scores[i] = max(scores[i], whole.align(turned[0], full_mask).ncc)
-            identity[i] = self._identity_score(view, whole, grid, mask)
+                    as_is = max(as_is, whole.align(turned[0], full_mask).ncc)
+            scores[i] = as_is
+            if content_differs:
+                scores[i] = max(scores[i], content.align(*turned, terms=terms).ncc)
+            # a refined turn of none is the grid as stored: its score is the identity score
+            unturned = not flip and not any(turn)
+            identity[i] = float(as_is) if unturned else self._identity_score(view, whole, grid, mask)
         return dataclasses.replace(
             neighbours,
             verified=np.asarray(scores, dtype=np.float64),

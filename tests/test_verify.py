@@ -763,6 +763,11 @@ def test_identity_score_is_the_untransformed_ncc_and_a_turn_lifts_only_the_verif
     nb = Neighbours(tuple(pids[:3]), np.linspace(0.9, 0.8, 3), matched=tuple((0, 0) for _ in range(3)))
     same = verifier.verify(nb, verify.View(img, mask))
     assert same.identity is not None and same.identity[0] == pytest.approx(1.0, abs=1e-5)
+    plain = verify.View(img, mask)  # an exact copy refines to no turn: its score is reused, bit for bit
+    refined = [i for i in range(3) if same.identity[i] > -1.0]
+    score = verify.Verifier._identity_score
+    by_score = [score(plain, plain.whole(), *verifier.template(p, 0)) for p in pids[:3]]
+    assert refined and all(same.identity[i] == by_score[i] for i in refined)
     turned = apply_pose(img, Pose(rotate_deg=(10.0, -8.0, 6.0)))
     out = verifier.verify(nb, verify.View(turned, mask))
     assert out.verified is not None and out.identity is not None
