@@ -731,12 +731,32 @@ def _methods_table(ref: list[str], rows: list[dict], gate_by_policy: dict, dar: 
     return out
 
 
+def stale_samples(rows: Sequence[dict], samples: Path) -> list[str]:
+    """The labelled samples whose file is missing or holds other bytes than the row it was labelled in.
+
+    Samples drawn on another CPU round differently (docs/ldm_copies.md), so the labels of one draw
+    must not score another: ``label`` relabels what changed, ``score`` refuses it.
+    """
+    out = []
+    for r in rows:
+        path = samples / r["sample"]
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != r["file_sha256"]:
+            out.append(r["sample"])
+    return out
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     """Score the gate's reported grades (and the baselines) against the reference labels."""
     t0 = time.perf_counter()
     labels = json.loads(Path(args.labels).read_text())
     rows = labels["samples"]
     samples = Path(args.samples)
+    stale = stale_samples(rows, samples)
+    if stale:
+        raise SystemExit(
+            f"{args.labels}: {len(stale)} of {len(rows)} samples under {samples} are missing or differ "
+            f"from their labelled bytes (first: {stale[0]}); run `label` first"
+        )
     ref = reference_grades(labels)
     thr = thresholds_from(labels)
     gate_by_policy = {}

@@ -6,6 +6,7 @@ sampling, labelling, the gate's check) runs from bench/, its numbers are in docs
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -242,3 +243,16 @@ def test_design_links_give_each_volume_its_multiplicity_and_refuse_a_bad_design(
     path = Path(__file__).resolve().parents[1] / "docs" / "results" / "ldm_copies_design.json"
     shipped = json.loads(path.read_text())
     assert len(L.design_links(shipped)) == shipped["per_epoch"] == 44
+
+
+def test_score_refuses_samples_that_differ_from_their_labels(tmp_path: Path) -> None:
+    (tmp_path / "mem").mkdir()
+    (tmp_path / "mem" / "a.nii.gz").write_bytes(b"one")
+    (tmp_path / "mem" / "b.nii.gz").write_bytes(b"two")
+    rows = [
+        {"sample": "mem/a.nii.gz", "file_sha256": hashlib.sha256(b"one").hexdigest()},
+        {"sample": "mem/b.nii.gz", "file_sha256": hashlib.sha256(b"one").hexdigest()},
+        {"sample": "mem/c.nii.gz", "file_sha256": hashlib.sha256(b"one").hexdigest()},
+    ]
+    assert L.stale_samples(rows, tmp_path) == ["mem/b.nii.gz", "mem/c.nii.gz"]
+    assert L.stale_samples(rows[:1], tmp_path) == []
