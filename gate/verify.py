@@ -1259,20 +1259,14 @@ class Verifier:
             (grid, mask), (grid_c, mask_c) = full_of(i), halves[i]
             turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
             turned = _turned(grid, mask, flip, turn)
-            terms = view.template_terms(*turned)  # one set of spectra for both views
-            as_is = view.align(*turned, terms=terms).ncc  # on the view and the whole view: the
-            if whole is not None and not (whole is view and mask.all()):  # identity score's parts
-                if mask.all():  # turned[1] is the full mask turned: its spectra are made
-                    as_is = max(as_is, whole.align(*turned, terms=terms).ncc)
-                else:
-                    full_mask = _turned_full_mask(mask.shape, flip, turn)
-                    as_is = max(as_is, whole.align(turned[0], full_mask).ncc)
+            terms = view.template_terms(*turned)  # one set of spectra for all views
+            as_is = self._view_score(view, whole, *turned, bool(mask.all()), flip, turn, terms)
             scores[i] = as_is
             if content_differs:
                 scores[i] = max(scores[i], content.align(*turned, terms=terms).ncc)
             # a refined turn of none is the grid as stored: its score is the identity score
             unturned = not flip and not any(turn)
-            identity[i] = float(as_is) if unturned else self._identity_score(view, whole, grid, mask)
+            identity[i] = as_is if unturned else self._identity_score(view, whole, grid, mask)
         return dataclasses.replace(
             neighbours,
             verified=np.asarray(scores, dtype=np.float64),
@@ -1297,13 +1291,44 @@ class Verifier:
             mask: bool, same shape, its validity mask.
 
         """
-        terms = view.template_terms(grid, mask)
+        return Verifier._view_score(
+            view, whole, grid, mask, bool(mask.all()), False, (0.0, 0.0, 0.0), view.template_terms(grid, mask)
+        )
+
+    @staticmethod
+    def _view_score(
+        view: View,
+        whole: View | None,
+        grid: np.ndarray,
+        mask: np.ndarray,
+        full: bool,
+        flip: bool,
+        turn: Sequence[float],
+        terms: TemplateTerms,
+    ) -> float:
+        """A posed training grid's masked NCC on the view and, with :data:`WHOLE_GRID`, the whole view.
+
+        Args:
+            view: the candidate's view at the aligned resolution.
+            whole: its whole view, or None.
+            grid: float32 (X, Y, Z) the training grid mirrored by ``flip`` and turned by ``turn``.
+            mask: bool, same shape, its validity mask posed the same way.
+            full: whether the unposed mask was all True (``mask`` is then the full mask posed, and
+                its spectra in ``terms`` serve the whole view too).
+            flip: the pose's mirror.
+            turn: the pose's angles, degrees.
+            terms: ``view.template_terms(grid, mask)``.
+
+        Returns:
+            The higher of the two NCCs.
+
+        """
         score = view.align(grid, mask, terms=terms).ncc
-        if whole is not None and not (whole is view and mask.all()):
-            if mask.all():  # the full mask's spectra are the ones made
+        if whole is not None and not (whole is view and full):
+            if full:
                 score = max(score, whole.align(grid, mask, terms=terms).ncc)
             else:
-                score = max(score, whole.align(grid, np.ones_like(mask)).ncc)
+                score = max(score, whole.align(grid, _turned_full_mask(mask.shape, flip, turn)).ncc)
         return float(score)
 
     def _half_of(
