@@ -31,7 +31,6 @@ Pearson and Dar et al.'s binary rule. Steps (outputs of long runs under ``runs/l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -461,6 +460,8 @@ def _aligned_ssim(a: np.ndarray, b: np.ndarray, sc: np.ndarray, s: int) -> float
 
 def cmd_label(args: argparse.Namespace) -> None:
     """Exhaustive reference: every sample against every preprocessed training volume."""
+    from gate.digest import sha256_file
+
     t0 = time.perf_counter()
     config = _index_preprocess(Path(args.index))
     files = _training_files(Path(args.data))
@@ -492,7 +493,7 @@ def cmd_label(args: argparse.Namespace) -> None:
             previous = {r["sample"]: r for r in old["samples"]}
     rows = []
     for n, ((group, path), a) in enumerate(zip(samples, sample_arr, strict=True)):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_file(path)
         name = f"{group}/{path.name}"
         if name in previous and previous[name].get("file_sha256") == digest:
             rows.append(previous[name])
@@ -737,10 +738,12 @@ def stale_samples(rows: Sequence[dict], samples: Path) -> list[str]:
     Samples drawn on another CPU round differently (docs/ldm_copies.md), so the labels of one draw
     must not score another: ``label`` relabels what changed, ``score`` refuses it.
     """
+    from gate.digest import sha256_file
+
     out = []
     for r in rows:
         path = samples / r["sample"]
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != r["file_sha256"]:
+        if not path.is_file() or sha256_file(path) != r["file_sha256"]:
             out.append(r["sample"])
     return out
 
