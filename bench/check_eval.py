@@ -30,7 +30,8 @@ import numpy as np
 from scipy import ndimage
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msd_hippocampus" / "imagesTr"
-POLICIES = ("strict", "standard", "permissive")
+POLICIES = ("strict", "standard", "permissive", "deepssim")
+"""The shipped policies, each judged by its own ``gate check`` run (``--policies`` picks some)."""
 
 
 def _noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -160,8 +161,11 @@ SWEEP_PERCENTILES = (5, 10, 25, 50, 75, 90, 95, 99, 100)
 """Calibration percentiles at which the reject rate of a single threshold is tabulated."""
 
 
-def percentile_sweep(out: Path, sets: dict[str, Path], cal: np.ndarray) -> dict[str, dict[str, float]]:
-    """Share of each set at or above each calibration percentile (from the strict run's JSON).
+def percentile_sweep(
+    out: Path, sets: dict[str, Path], cal: np.ndarray, policy: str
+) -> dict[str, dict[str, float]]:
+    """Share of each set at or above each calibration percentile (from ``policy``'s run JSON: the
+    cosines do not depend on the policy).
 
     Shows what a policy rejecting everything above percentile p would do, for every p, without
     re-running the check.
@@ -170,7 +174,7 @@ def percentile_sweep(out: Path, sets: dict[str, Path], cal: np.ndarray) -> dict[
     cuts = {p: min(float(np.percentile(cal, p)), 0.999) for p in SWEEP_PERCENTILES}
     for name in sets:
         sims = np.array(
-            [r["similarity"] for r in json.loads((out / f"strict_{name}.json").read_text())["results"]]
+            [r["similarity"] for r in json.loads((out / f"{policy}_{name}.json").read_text())["results"]]
         )
         sweep[name] = {f"p{p}": float(np.mean(sims >= cut)) for p, cut in cuts.items()}
     print("\n| set | " + " | ".join(f"p{p} ({c:.3f})" for p, c in cuts.items()) + " |")
@@ -196,6 +200,7 @@ def main() -> None:
         help="near copies from gate.encoder.benchmark (default severity)",
     )
     ap.add_argument("--proxy-voxel-encoder", action="store_true", help="no ONNX encoder: pooled voxels")
+    ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="policies to run")
     args = ap.parse_args()
     if args.proxy_voxel_encoder:
         PROXY.append(VoxelEncoder())
@@ -238,19 +243,21 @@ def main() -> None:
     if code != 0:
         raise SystemExit(code)
     summary: dict[str, dict[str, dict[str, float]]] = {}
-    for policy in POLICIES:
+    for policy in args.policies:
         summary[policy] = {}
         for name, cand in sets.items():
             rep = gate_check(
                 gate_bin, cand, policy, out / "index", args.encoder, out / f"{policy}_{name}.json", env
             )
             verdicts = [r["verdict"] for r in rep["results"]]
+            grades = [r["grade"] for r in rep["results"]]
             sims = [r["similarity"] for r in rep["results"]]
             summary[policy][name] = {
                 "n": len(verdicts),
                 "reject": verdicts.count("reject") / len(verdicts),
                 "flag": verdicts.count("flag") / len(verdicts),
                 "pass": verdicts.count("pass") / len(verdicts),
+                "graded": {g: grades.count(g) for g in ("different", "similar", "duplicate")},
                 "similarity_min": float(np.min(sims)),
                 "similarity_median": float(np.median(sims)),
                 "similarity_max": float(np.max(sims)),
@@ -268,7 +275,7 @@ def main() -> None:
         "calibration_percentiles": {p: float(np.percentile(cal, p)) for p in (1, 5, 25, 50, 75, 90, 95, 99)},
         "policies": summary,
     }
-    result["sweep"] = percentile_sweep(out, sets, cal)
+    result["sweep"] = percentile_sweep(out, sets, cal, args.policies[0])
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     print("\n| policy | set | n | reject | flag | pass | sim min / median / max |")
     print("|---|---|---|---|---|---|---|")

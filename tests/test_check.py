@@ -12,7 +12,7 @@ import gate.cli.check
 import gate.cli.index
 from gate.audit import AuditLog, verify_log
 from gate.cli import main
-from gate.poses import DEFAULT_POSES
+from gate.poses import DEFAULT_POSES, POSE_SETS
 from tests.index_helpers import ProjectionEncoder
 from tests.volumes import make_blob, write_nifti
 
@@ -43,9 +43,9 @@ def index_dir(runner: CliRunner, train_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "index"
     result = runner.invoke(main, ["index", "build", "--data", str(train_dir), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    rows = N_TRAIN * len(DEFAULT_POSES)
-    assert f"volumes {N_TRAIN}, rows {rows}, patients {N_TRAIN}, dim 16" in result.output
-    assert f"poses {len(DEFAULT_POSES)}," in result.output
+    compact = POSE_SETS["compact"]  # a verifying index (the default) takes the compact poses unless told
+    assert f"volumes {N_TRAIN}, rows {N_TRAIN * len(compact)}, patients {N_TRAIN}, dim 16" in result.output
+    assert f"poses {len(compact)}," in result.output
     assert "self-test recall@1 1.0000" in result.output
     assert "calibration (leave_one_patient_out, 8 patients)" in result.output
     return out
@@ -180,6 +180,24 @@ def test_index_build_refuses_overwrite_and_bad_input(
     bad = runner.invoke(main, ["index", "build", "--data", str(train_dir), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 3 and "broken.nii.gz: cannot read NIfTI" in bad.output
     assert "no index written" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_index_build_pose_default_follows_verification(
+    runner: CliRunner, train_dir: Path, tmp_path: Path
+) -> None:
+    plain = runner.invoke(
+        main, ["index", "build", "--data", str(train_dir), "--out", str(tmp_path / "plain"), "--no-verify"]
+    )
+    assert plain.exit_code == 0, plain.output
+    assert f"poses {len(DEFAULT_POSES)}," in plain.output  # no alignment: the 86 rows carry the invariance
+    told = runner.invoke(
+        main,
+        ["index", "build", "--data", str(train_dir), "--out", str(tmp_path / "told"), "--poses", "default"],
+    )
+    assert told.exit_code == 0, told.output
+    assert f"poses {len(DEFAULT_POSES)}," in told.output
+    manifest = json.loads((tmp_path / "told" / "manifest.json").read_text())
+    assert manifest["verification"] is not None and len(manifest["poses"]["poses"]) == len(DEFAULT_POSES)
 
 
 def test_index_build_with_holdout(runner: CliRunner, train_dir: Path, tmp_path: Path) -> None:
