@@ -518,6 +518,14 @@ alone (runs/verify, msd_hippocampus), inside the range of real other patients.""
 ROTATION_ROUNDS = 2
 """Descent moves per step size."""
 
+ROTATION_REPLACE = True
+"""After each step size the turned grid is placed again at its own best shift (one FFT
+alignment) and the next step descends there. A turn about a point other than the copy's moves
+its best placement; held at the start's, the descent of a copy turned 9 degrees about an
+oblique axis stopped at (4, 4, 2) degrees, NCC 0.736 at half resolution, 0.802 verified; placed
+again after each step it reached (8, 0, 4), 0.909, 0.879 verified, in as many turns (25;
+seed-1 composite copy 49, whose source aligned by a brute-force search of turns reaches 0.882)."""
+
 REFINE_NEAREST = 2
 """Patients nearest by cosine (the encoder's first) refined as well, when the half-resolution NCC
 did not already pick them. A copy turned 9-12 degrees about a random axis is often not first by
@@ -538,6 +546,30 @@ below the closest real pair, and passed strict; over whole grids 0.881 (the benc
 0.984; the real patients' calibration of the shipped index did not move (2 of 261 values, by
 1e-7), nor did the composite family's detection (docs/ldm_copies.md, "Whole grids"). Only
 computed where it can differ: a training grid with padding, or a candidate with planes of zeros."""
+
+COARSE_CONTENT = True
+"""Each trial alignment at half resolution is also made on the candidate's content view
+(:meth:`View.content`, halved) when that differs from its view, and the better NCC picks the
+patients to refine (the rotation search still descends on the view: started from the content
+view's placement it found worse turns, 0.90 against 0.96 verified on cut, turned, noisy copies
+of two of the test patients, tests/test_verify.py). A copy cut or shifted before
+preprocessing holds planes of fill that blur, noise and turns keep from being trimmed; they
+dragged the source's half-resolution NCC (0.60 where its full-resolution content NCC was 0.92)
+below other patients', so it was never refined: 5 of the 6 composite misses of a fresh draw
+(seed 1, docs/encoder.md "A fresh composite draw"), whose sources verify at 0.88-0.96 once
+turned. Costs one more half-resolution alignment per trial, on such candidates only."""
+
+REFINE_SCREEN = 8
+"""Patients (the best by half-resolution NCC) whose turn is searched at half resolution
+(:func:`refine_rotation`) before the :data:`REFINE_PATIENTS` to refine are chosen, by their
+NCC after turning. A copy turned 6-9 degrees about an oblique axis and cut or shifted scored
+0.66-0.68 unturned at half resolution, below other patients (0.69-0.70), while turned it
+reached 0.77-0.82 (seed-1 composite draw); chosen unturned, it was never refined and its
+verified score stayed at that of another patient. Chosen on the index's own simulated copies
+of the 209 train-split volumes (bench/composite_misses.py, split encoder): screening 8, their
+lowest verified score was 0.845 and AUROC against the real patients 0.99999; screening 5,
+0.748 and 0.9985; before the screen, :data:`COARSE_CONTENT` and :data:`ROTATION_REPLACE`,
+0.748 and 0.9982."""
 
 REFINE_PATIENTS = 2
 """Patients (the best by half-resolution NCC) whose alignment is refined by the rotation search
@@ -911,11 +943,13 @@ def refine_rotation(
     flip: bool,
     start_deg: Sequence[float],
     start: Aligned,
-) -> tuple[float, float, float]:
+    content: View | None = None,
+) -> tuple[tuple[float, float, float], float]:
     """Search small turns of a half-resolution training grid against a half-resolution view.
 
     Coordinate descent over the three angles (:data:`ROTATION_STEPS_DEG`), each turn scored by
-    masked NCC at the placement of ``start`` (the best shift of the start pose).
+    masked NCC at one placement: that of ``start`` (the best shift of the start pose), then,
+    after each step size that moved, the turned grid's own best shift (:data:`ROTATION_REPLACE`).
 
     Args:
         coarse: the candidate at half resolution (:meth:`View.coarse`).
@@ -923,27 +957,38 @@ def refine_rotation(
         mask_c: its validity mask.
         flip: mirror it first.
         start_deg: the turn to start from, degrees about X, Y, Z.
-        start: the start pose's alignment on ``coarse``.
+        start: the start pose's alignment on ``coarse`` (or on ``content``).
+        content: the candidate's content view at half resolution (``View.content().coarse()``)
+            when it differs from ``coarse``: the turn found is scored there too.
 
     Returns:
-        The best angles found, degrees.
+        The best angles found (degrees) and their masked NCC at the final placement, the higher
+        of ``coarse``'s and ``content``'s.
 
     """
     margin = [(v - t) // 2 for v, t in zip(coarse.shape, grid_c.shape, strict=True)]
     at = [m + sh for m, sh in zip(margin, start.shift, strict=True)]
 
-    scored: dict[tuple[float, ...], float] = {}  # the descent comes back to angles it tried
+    # the descent comes back to angles it tried: each turn is made once, scored once per placement
+    turned: dict[tuple[float, ...], tuple[np.ndarray, np.ndarray]] = {}
+    scored: dict[tuple[float, ...], float] = {}
+
+    def turn(angles: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        key = tuple(float(a) for a in angles)
+        if key not in turned:
+            turned[key] = _turned(grid_c, mask_c, flip, angles)
+        return turned[key]
 
     def score(angles: Sequence[float]) -> float:
         key = tuple(float(a) for a in angles)
         if key not in scored:
-            t, m = _turned(grid_c, mask_c, flip, angles)
-            scored[key] = _ncc_at(t, m, coarse.image, coarse.mask, at)
+            scored[key] = _ncc_at(*turn(angles), coarse.image, coarse.mask, at)
         return scored[key]
 
     angles = [float(a) for a in start_deg]
     best = score(angles)
     for step in ROTATION_STEPS_DEG:
+        before = list(angles)
         for _ in range(ROTATION_ROUNDS):
             moved = False
             for axis in range(3):
@@ -955,7 +1000,14 @@ def refine_rotation(
                         best, angles, moved = value, trial, True
             if not moved:
                 break
-    return angles[0], angles[1], angles[2]
+        if ROTATION_REPLACE and angles != before:
+            placed = coarse.align(*turn(angles))
+            if placed.ncc > best:  # the turned grid's own best shift: the next step descends there
+                best, at = placed.ncc, [m + sh for m, sh in zip(margin, placed.shift, strict=True)]
+                scored.clear()  # scores at the old placement
+    if content is not None:
+        best = max(best, _ncc_at(*turn(angles), content.image, content.mask, at))
+    return (angles[0], angles[1], angles[2]), best
 
 
 VERIFY_MAX_VOXELS = 131_072
@@ -1208,6 +1260,12 @@ class Verifier:
         if self.factor > 1:
             view = view.reduced(self.factor)
         coarse = view.coarse()
+        # the empty outside left out can only add evidence (see below); at half resolution too,
+        # or a cut or shifted copy whose smeared fill drags its half-resolution NCC is never
+        # chosen for refining (:data:`COARSE_CONTENT`)
+        content = view.content()
+        content_differs = not np.array_equal(content.mask, view.mask)
+        half_content = content.coarse() if COARSE_CONTENT and content_differs else None
         scores: list[float] = []
         found: list[tuple[float, int, int, bool, tuple[float, float, float], Aligned]] = []
         # per patient: its grid at the aligned resolution (made only when needed, once per call)
@@ -1235,29 +1293,45 @@ class Verifier:
                 trials.append((True, (0.0, 0.0, 0.0)))  # a mirrored copy the encoder did not tell apart
             halves.append(self._half_of(pid, volume, lambda i=i: full_of(i)))
             grid_c, mask_c = halves[-1]
-            best: tuple[Aligned, bool, tuple[float, float, float]] | None = None
+            best: tuple[float, Aligned, bool, tuple[float, float, float]] | None = None
             for flip, angles in trials:
                 tmpl, tmask, terms = self._trial_of(pid, volume, flip, angles, coarse, halves[-1])
                 a = coarse.align(tmpl, tmask, terms=terms)
-                if best is None or a.ncc > best[0].ncc:
-                    best = (a, flip, angles)
+                ncc = a.ncc
+                if half_content is not None:  # one shape: the template's spectra serve both
+                    ncc = max(ncc, half_content.align(tmpl, tmask, terms=terms).ncc)
+                if best is None or ncc > best[0]:
+                    best = (ncc, a, flip, angles)  # the turn search starts on the view, where a is
             if best is None:  # trials is never empty
                 raise IntegrityError("verification tried no alignment")
-            scores.append(best[0].ncc)
-            found.append((best[0].ncc, i, volume, best[1], best[2], best[0]))
-        refine = sorted(found, key=lambda t: -t[0])[:REFINE_PATIENTS]
+            scores.append(best[0])
+            found.append((best[0], i, volume, best[2], best[3], best[1]))
+        # the best REFINE_SCREEN by half-resolution NCC are turned there first, and the best
+        # REFINE_PATIENTS of them after turning are refined (with the REFINE_NEAREST by cosine)
+        turns: dict[int, tuple[float, float, float]] = {}
+
+        def turn_of(t: tuple[float, int, int, bool, tuple[float, float, float], Aligned]) -> float:
+            _, i, _, flip, angles, aligned = t
+            turns[i], ncc = refine_rotation(coarse, *halves[i], flip, angles, aligned, half_content)
+            return ncc
+
+        screened = sorted(found, key=lambda t: -t[0])[: max(REFINE_SCREEN, REFINE_PATIENTS)]
+        if len(screened) > REFINE_PATIENTS:
+            after = [turn_of(t) for t in screened]
+            screened = [screened[j] for j in np.argsort(-np.asarray(after), kind="stable")]
+        refine = screened[:REFINE_PATIENTS]
         chosen = {t[1] for t in refine}
         refine += [t for t in found[:REFINE_NEAREST] if t[1] not in chosen]  # found is in cosine order
         # the empty outside left out can only add evidence: a darkened copy whose dark tissue
         # would count as "outside" keeps the score of its whole grid (a candidate with no empty
         # outside has the same view twice: aligned once); so can the padding counted (WHOLE_GRID)
-        content = view.content()
-        content_differs = not np.array_equal(content.mask, view.mask)
         whole = view.whole() if WHOLE_GRID else None
         identity = [-1.0] * len(scores)
         for _, i, _, flip, angles, aligned in refine:
             (grid, mask), (grid_c, mask_c) = full_of(i), halves[i]
-            turn = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)
+            if i not in turns:
+                turns[i] = refine_rotation(coarse, grid_c, mask_c, flip, angles, aligned)[0]
+            turn = turns[i]
             turned = _turned(grid, mask, flip, turn)
             terms = view.template_terms(*turned)  # one set of spectra for all views
             as_is = self._view_score(view, whole, *turned, bool(mask.all()), flip, turn, terms)

@@ -202,6 +202,8 @@ def test_the_content_view_only_adds_evidence(hippo: list[Volume], monkeypatch: p
         assert a is not None and b is not None
         assert (a >= b - 1e-12).all(), k
         assert a[k] > 0.95 and a[k] > np.delete(a, k).max() + 0.1, k
+    # at half resolution too (COARSE_CONTENT): patients left unrefined score their content NCC
+    assert sum(int((a > b + 1e-6).sum()) for a, b in zip(with_content, whole, strict=True)) > len(views)
 
 
 def test_verify_scores_a_turned_blurred_copy_above_other_patients(hippo: list[Volume]) -> None:
@@ -449,9 +451,48 @@ def test_rotation_search_turns_each_pose_once(hippo: list[Volume], monkeypatch: 
 
     monkeypatch.setattr(verify, "_turned", counted)
     start = coarse.align(g, m)
-    angles = verify.refine_rotation(coarse, g, m, False, (0.0, 0.0, 0.0), start)
+    angles, ncc = verify.refine_rotation(coarse, g, m, False, (0.0, 0.0, 0.0), start)
     assert len(turned) == len(set(turned)) > 6
     assert angles != (0.0, 0.0, 0.0)
+    assert ncc > start.ncc
+
+
+def test_rotation_search_places_the_turned_grid_again(
+    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy shifted, then turned about the centre: held at the start's shift, the descent falls short."""
+    img, mask = verify.grid_with_mask(hippo[3], CFG, S)
+    moved = apply_pose(ndimage.shift(img, (4.0, -4.0, 3.0), order=1), Pose(rotate_deg=(8.0, -2.0, 5.0)))
+    coarse = verify.View(moved, mask).coarse()
+    g, m = verify._half_template(*verify.grid_with_mask(hippo[3], CFG, 0))
+    start = coarse.align(g, m)
+    _, placed = verify.refine_rotation(coarse, g, m, False, (0.0, 0.0, 0.0), start)
+    monkeypatch.setattr(verify, "ROTATION_REPLACE", False)
+    _, held = verify.refine_rotation(coarse, g, m, False, (0.0, 0.0, 0.0), start)
+    assert placed > 0.9 and held < placed - 0.03  # measured 0.923 against 0.850
+
+
+def test_the_turn_screen_refines_the_patient_a_turn_lifts(
+    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unturned, a blurred look-alike beats a turned copy's source at half resolution; turned, it loses."""
+    img, mask = verify.grid_with_mask(hippo[0], CFG, 0)
+    lookalike = verify.stored_grid(ndimage.gaussian_filter(img, 2.0).astype(np.float32), mask)
+    grids = [verify.stored_grid(img, mask), lookalike]
+    pids = ["p-0000000000000001", "p-0000000000000002"]
+    full, full_mask = verify.grid_with_mask(hippo[0], CFG, S)
+    view = verify.View(apply_pose(full, Pose(rotate_deg=(8.0, -5.0, 4.0))), full_mask)
+    nb = Neighbours((pids[1], pids[0]), np.asarray([0.9, 0.8]), matched=((0, 0), (0, 0)))
+    monkeypatch.setattr(verify, "REFINE_NEAREST", 0)
+    monkeypatch.setattr(verify, "REFINE_PATIENTS", 1)
+    scores = {}
+    for screen in (2, 1):  # 1: no screen, the best unturned is refined
+        monkeypatch.setattr(verify, "REFINE_SCREEN", screen)
+        out = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S).verify(nb, view).verified
+        assert out is not None
+        scores[screen] = out
+    assert scores[2][1] > 0.95 and scores[2][1] > scores[2][0] + 0.1  # measured 0.984 against 0.772
+    assert scores[1][1] < 0.8 < scores[1][0]  # unscreened the look-alike is refined: 0.888, the source 0.730
 
 
 def test_merge_keeps_the_best_verified_score_per_patient() -> None:
