@@ -848,6 +848,37 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_compiled
+def _corners(
+    grid: np.ndarray, mask: np.ndarray, full: bool, cx: float, cy: float, cz: float
+) -> tuple[float, float]:  # pragma: no cover - compiled; its bits are tested through _turned
+    """The trilinear sample of ``grid`` and of ``mask`` at one point, corners outside read as 0.
+
+    The 8 corners summed in float64 in the order numpy's corner arrays were summed (x, then y,
+    then z; weight ``(wx * wy) * wz``); the mask's sum is 0 when ``full`` (not needed then).
+    """
+    nx, ny, nz = grid.shape
+    bx, by, bz = np.floor(cx), np.floor(cy), np.floor(cz)
+    fx, fy, fz = cx - bx, cy - by, cz - bz
+    ix, iy, iz = np.int64(bx), np.int64(by), np.int64(bz)
+    acc = 0.0
+    acc_m = 0.0
+    for dx in range(2):
+        x = ix + dx
+        wx = fx if dx else 1.0 - fx
+        for dy in range(2):
+            y = iy + dy
+            wxy = wx * (fy if dy else 1.0 - fy)
+            for dz in range(2):
+                z = iz + dz
+                w = wxy * (fz if dz else 1.0 - fz)
+                inside = 0 <= x < nx and 0 <= y < ny and 0 <= z < nz
+                acc += w * (np.float64(grid[x, y, z]) if inside else 0.0)
+                if not full:
+                    acc_m += w * (1.0 if inside and mask[x, y, z] else 0.0)
+    return acc, acc_m
+
+
+@_compiled
 def _trilinear(
     coords: np.ndarray, grid: np.ndarray, mask: np.ndarray, full: bool
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled; its bits are tested
@@ -876,24 +907,7 @@ def _trilinear(
     out_m = np.empty(n, dtype=np.bool_)
     for i in range(n):
         cx, cy, cz = coords[0, i], coords[1, i], coords[2, i]
-        bx, by, bz = np.floor(cx), np.floor(cy), np.floor(cz)
-        fx, fy, fz = cx - bx, cy - by, cz - bz
-        ix, iy, iz = np.int64(bx), np.int64(by), np.int64(bz)
-        acc = 0.0
-        acc_m = 0.0
-        for dx in range(2):
-            x = ix + dx
-            wx = fx if dx else 1.0 - fx
-            for dy in range(2):
-                y = iy + dy
-                wxy = wx * (fy if dy else 1.0 - fy)
-                for dz in range(2):
-                    z = iz + dz
-                    w = wxy * (fz if dz else 1.0 - fz)
-                    inside = 0 <= x < nx and 0 <= y < ny and 0 <= z < nz
-                    acc += w * (np.float64(grid[x, y, z]) if inside else 0.0)
-                    if not full:
-                        acc_m += w * (1.0 if inside and mask[x, y, z] else 0.0)
+        acc, acc_m = _corners(grid, mask, full, cx, cy, cz)
         out_g[i] = np.float32(min(max(acc, 0.0), 1.0))
         out_m[i] = _within(cx, cy, cz, nx, ny, nz) if full else acc_m > 0.5
     return out_g, out_m
@@ -934,6 +948,96 @@ def _within_grid(
     for i in range(coords.shape[1]):
         out[i] = _within(coords[0, i], coords[1, i], coords[2, i], nx, ny, nz)
     return out
+
+
+@_compiled
+def _turned_ncc(
+    rot: np.ndarray,
+    grid: np.ndarray,
+    mask: np.ndarray,
+    full: bool,
+    image: np.ndarray,
+    imask: np.ndarray,
+    start: np.ndarray,
+    min_overlap: float,
+    variance_floor: float,
+) -> float:  # pragma: no cover - compiled; tested against _ncc_at of _turned
+    """Masked NCC of ``grid`` turned by ``rot`` (as :func:`_turned`) against ``image`` at ``start``.
+
+    :func:`_ncc_at` of :func:`_turned` in one pass: each output voxel is sampled (trilinear,
+    the same corners and validity as :func:`_trilinear`) and its sums accumulated in float64
+    where both sides are valid, so no turned grid is made. For the rotation search's many
+    trial turns: 0.26 -> 0.03 ms per turn at half resolution (16x24x16, one core).
+
+    Args:
+        rot: float64 (3, 3) rotation matrix; an output voxel ``o`` samples ``rot.T (o - c) + c``.
+        grid: float32 (X, Y, Z), C order (mirrored beforehand where the pose mirrors).
+        mask: bool (X, Y, Z), its validity.
+        full: ``mask`` is all True.
+        image: float32 the candidate's view, C order.
+        imask: bool, same shape, its mask.
+        start: int64 (3,) where the turned grid's first voxel sits in ``image``.
+        min_overlap: :data:`MIN_OVERLAP`.
+        variance_floor: :data:`VARIANCE_FLOOR`.
+
+    Returns:
+        The NCC, or -1 where the placement leaves the image, the overlap is short of
+        ``min_overlap`` of the turned grid's valid voxels, or either side is flat.
+
+    """
+    nx, ny, nz = grid.shape
+    ax, ay, az = start[0], start[1], start[2]
+    if ax < 0 or ay < 0 or az < 0:
+        return -1.0
+    if ax + nx > image.shape[0] or ay + ny > image.shape[1] or az + nz > image.shape[2]:
+        return -1.0
+    c0, c1, c2 = (nx - 1) / 2.0, (ny - 1) / 2.0, (nz - 1) / 2.0
+    valid = 0
+    n = 0
+    sa = 0.0
+    sb = 0.0
+    saa = 0.0
+    sbb = 0.0
+    sab = 0.0
+    for ox in range(nx):
+        px = ox - c0
+        for oy in range(ny):
+            py = oy - c1
+            for oz in range(nz):
+                pz = oz - c2
+                cx = rot[0, 0] * px + rot[1, 0] * py + rot[2, 0] * pz + c0
+                cy = rot[0, 1] * px + rot[1, 1] * py + rot[2, 1] * pz + c1
+                cz = rot[0, 2] * px + rot[1, 2] * py + rot[2, 2] * pz + c2
+                if full:  # validity needs no sample: the candidate's mask can skip it
+                    if not _within(cx, cy, cz, nx, ny, nz):
+                        continue
+                    valid += 1
+                    if not imask[ax + ox, ay + oy, az + oz]:
+                        continue
+                acc, acc_m = _corners(grid, mask, full, cx, cy, cz)
+                if not full:
+                    if acc_m <= 0.5:
+                        continue
+                    valid += 1
+                    if not imask[ax + ox, ay + oy, az + oz]:
+                        continue
+                a = np.float64(np.float32(min(max(acc, 0.0), 1.0)))
+                b = np.float64(image[ax + ox, ay + oy, az + oz])
+                n += 1
+                sa += a
+                sb += b
+                saa += a * a
+                sbb += b * b
+                sab += a * b
+    if n < min_overlap * max(valid, 1):
+        return -1.0
+    cov = sab - sa * sb / n
+    var_a = saa - sa * sa / n
+    var_b = sbb - sb * sb / n
+    if var_a <= 0.0 or var_b <= 0.0:
+        return -1.0
+    den = np.sqrt(var_a * var_b)
+    return cov / den if den > variance_floor * n else -1.0
 
 
 def refine_rotation(
@@ -979,10 +1083,20 @@ def refine_rotation(
             turned[key] = _turned(grid_c, mask_c, flip, angles)
         return turned[key]
 
+    src = np.ascontiguousarray(grid_c[::-1] if flip else grid_c, dtype=np.float32)
+    src_mask = np.ascontiguousarray(mask_c[::-1] if flip else mask_c, dtype=np.bool_)
+    full = bool(mask_c.all())
+    image = np.ascontiguousarray(coarse.image, dtype=np.float32)
+    imask = np.ascontiguousarray(coarse.mask, dtype=np.bool_)
+
     def score(angles: Sequence[float]) -> float:
         key = tuple(float(a) for a in angles)
         if key not in scored:
-            scored[key] = _ncc_at(*turn(angles), coarse.image, coarse.mask, at)
+            rot = rotation_matrix(np.radians(np.asarray(key, dtype=np.float64)))
+            place = np.asarray(at, dtype=np.int64)
+            scored[key] = float(
+                _turned_ncc(rot, src, src_mask, full, image, imask, place, MIN_OVERLAP, VARIANCE_FLOOR)
+            )
         return scored[key]
 
     angles = [float(a) for a in start_deg]

@@ -437,22 +437,29 @@ def test_template_terms_made_once_align_like_terms_made_per_view() -> None:
 
 
 def test_rotation_search_turns_each_pose_once(hippo: list[Volume], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The descent comes back to angles it tried: their score is kept, not turned again."""
+    """The descent comes back to angles it tried: each turn is scored once per placement, made once."""
     img, mask = verify.grid_with_mask(hippo[0], CFG, S)
     copy = verify.View(ndimage.gaussian_filter(apply_pose(img, Pose(rotate_deg=(5.0, -3.0, 2.0))), 1.0), mask)
     coarse = copy.coarse()
     g, m = verify._half_template(*verify.grid_with_mask(hippo[0], CFG, 0))
+    scored: list[tuple[bytes, tuple[int, ...]]] = []
     turned: list[tuple[float, ...]] = []
-    real = verify._turned
+    real_score, real_turn = verify._turned_ncc, verify._turned
 
-    def counted(grid: np.ndarray, tmask: np.ndarray, flip: bool, angles: tuple[float, ...]) -> object:
+    def counted_score(rot: np.ndarray, *rest: object) -> float:
+        scored.append((np.round(rot, 12).tobytes(), tuple(int(a) for a in rest[5])))  # type: ignore[union-attr]
+        return real_score(rot, *rest)  # type: ignore[no-any-return]
+
+    def counted_turn(grid: np.ndarray, tmask: np.ndarray, flip: bool, angles: tuple[float, ...]) -> object:
         turned.append(tuple(angles))
-        return real(grid, tmask, flip, angles)  # type: ignore[arg-type]
+        return real_turn(grid, tmask, flip, angles)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(verify, "_turned", counted)
+    monkeypatch.setattr(verify, "_turned_ncc", counted_score)
+    monkeypatch.setattr(verify, "_turned", counted_turn)
     start = coarse.align(g, m)
     angles, ncc = verify.refine_rotation(coarse, g, m, False, (0.0, 0.0, 0.0), start)
-    assert len(turned) == len(set(turned)) > 6
+    assert len(scored) == len(set(scored)) > 6
+    assert len(turned) == len(set(turned))  # made only to be placed again (ROTATION_REPLACE)
     assert angles != (0.0, 0.0, 0.0)
     assert ncc > start.ncc
 
@@ -493,6 +500,28 @@ def test_the_turn_screen_refines_the_patient_a_turn_lifts(
         scores[screen] = out
     assert scores[2][1] > 0.95 and scores[2][1] > scores[2][0] + 0.1  # measured 0.984 against 0.772
     assert scores[1][1] < 0.8 < scores[1][0]  # unscreened the look-alike is refined: 0.888, the source 0.730
+
+
+def test_turned_ncc_is_the_ncc_of_the_turned_grid() -> None:
+    """The rotation search's fused kernel scores what _ncc_at scores on _turned's output."""
+    from gate.poses import rotation_matrix
+
+    grid = _smooth(5, (16, 24, 16))
+    image = np.pad(_smooth(6, (16, 24, 16)), 4)
+    imask = np.ones(image.shape, bool)
+    imask[:, :6] = False
+    part = np.ones(grid.shape, bool)
+    part[:3] = False
+    for mask in (np.ones(grid.shape, bool), part):
+        for angles in ((0.0, 0.0, 0.0), (5.0, -3.0, 2.0), (10.0, 4.0, -8.0)):
+            rot = rotation_matrix(np.radians(np.asarray(angles)))
+            for at in ((4, 4, 4), (2, 6, 3), (0, 0, 0), (9, 0, 0)):
+                want = verify._ncc_at(*verify._turned(grid, mask, False, angles), image, imask, at)
+                got = verify._turned_ncc(
+                    rot, grid, mask, bool(mask.all()), image, imask, np.asarray(at),
+                    verify.MIN_OVERLAP, verify.VARIANCE_FLOOR,
+                )  # fmt: skip
+                assert abs(got - want) < 1e-9, (mask.all(), angles, at)
 
 
 def test_merge_keeps_the_best_verified_score_per_patient() -> None:
