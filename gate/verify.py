@@ -1063,11 +1063,11 @@ def refine_rotation(
         start_deg: the turn to start from, degrees about X, Y, Z.
         start: the start pose's alignment on ``coarse`` (or on ``content``).
         content: the candidate's content view at half resolution (``View.content().coarse()``)
-            when it differs from ``coarse``: the turn found is scored there too.
+            when it differs from ``coarse``: the turn found is aligned there too (every shift).
 
     Returns:
-        The best angles found (degrees) and their masked NCC at the final placement, the higher
-        of ``coarse``'s and ``content``'s.
+        The best angles found (degrees) and their masked NCC: at the final placement on
+        ``coarse``, or on ``content`` at its best shift, whichever is higher.
 
     """
     margin = [(v - t) // 2 for v, t in zip(coarse.shape, grid_c.shape, strict=True)]
@@ -1119,8 +1119,8 @@ def refine_rotation(
             if placed.ncc > best:  # the turned grid's own best shift: the next step descends there
                 best, at = placed.ncc, [m + sh for m, sh in zip(margin, placed.shift, strict=True)]
                 scored.clear()  # scores at the old placement
-    if content is not None:
-        best = max(best, _ncc_at(*turn(angles), content.image, content.mask, at))
+    if content is not None:  # at its own best shift: without the fill the placement can move
+        best = max(best, content.align(*turn(angles)).ncc)
     return (angles[0], angles[1], angles[2]), best
 
 

@@ -479,6 +479,23 @@ def test_rotation_search_places_the_turned_grid_again(
     assert placed > 0.9 and held < placed - 0.03  # measured 0.923 against 0.850
 
 
+def test_rotation_search_scores_the_content_view_at_its_own_shift(hippo: list[Volume]) -> None:
+    """A cut copy's turn is scored on its content view over every shift, not at the view's placement."""
+    img, mask = verify.grid_with_mask(hippo[0], CFG, 0)
+    cut = np.zeros_like(img)
+    cut[3:] = img[:-3]  # content moved by the cut, the fill left behind
+    turned = apply_pose(cut, Pose(rotate_deg=(0.0, -4.0, 6.0)))
+    noisy = np.clip(turned + 0.05 * np.random.default_rng(0).standard_normal(turned.shape), 0, 1)
+    view = verify.View(np.pad(noisy.astype(np.float32), S), np.pad(np.ones(img.shape, bool), S))
+    coarse, content = view.coarse(), view.content().coarse()
+    g, m = verify._half_template(img, mask)
+    start = coarse.align(g, m)
+    plain_angles, plain = verify.refine_rotation(coarse, g, m, False, (0.0, 0.0, 0.0), start)
+    angles, score = verify.refine_rotation(coarse, g, m, False, (0.0, 0.0, 0.0), start, content)
+    assert angles == plain_angles  # the descent runs on the view either way
+    assert score == max(plain, content.align(*verify._turned(g, m, False, angles)).ncc)
+
+
 def test_the_turn_screen_refines_the_patient_a_turn_lifts(
     hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
 ) -> None:
