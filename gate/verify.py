@@ -552,7 +552,7 @@ COARSE_CONTENT = True
 (:meth:`View.content`, halved) when that differs from its view, and the better NCC picks the
 patients to refine (the rotation search still descends on the view: started from the content
 view's placement it found worse turns, 0.90 against 0.96 verified on cut, turned, noisy copies
-of two of the test patients, tests/test_verify.py). A copy cut or shifted before
+of two of the first six msd_hippocampus volumes, 2026-12-07). A copy cut or shifted before
 preprocessing holds planes of fill that blur, noise and turns keep from being trimmed; they
 dragged the source's half-resolution NCC (0.60 where its full-resolution content NCC was 0.92)
 below other patients', so it was never refined: 5 of the 6 composite misses of a fresh draw
@@ -572,8 +572,8 @@ lowest verified score was 0.845 and AUROC against the real patients 0.99999; scr
 0.748 and 0.9982."""
 
 REFINE_PATIENTS = 2
-"""Patients (the best by half-resolution NCC) whose alignment is refined by the rotation search
-and re-scored at full resolution, beside :data:`REFINE_NEAREST`."""
+"""Patients (the best of the :data:`REFINE_SCREEN` after their half-resolution turn search)
+whose alignment is re-scored at full resolution, beside :data:`REFINE_NEAREST`."""
 
 
 def _blocks(x: np.ndarray, f: int) -> np.ndarray:
@@ -967,7 +967,8 @@ def _turned_ncc(
     :func:`_ncc_at` of :func:`_turned` in one pass: each output voxel is sampled (trilinear,
     the same corners and validity as :func:`_trilinear`) and its sums accumulated in float64
     where both sides are valid, so no turned grid is made. For the rotation search's many
-    trial turns: 0.26 -> 0.03 ms per turn at half resolution (16x24x16, one core).
+    trial turns: 0.18 against 0.39 ms per turn for ``_ncc_at(_turned(...))`` at half
+    resolution (16x24x16, one core, the other core busy; 2026-12-07).
 
     Args:
         rot: float64 (3, 3) rotation matrix; an output voxel ``o`` samples ``rot.T (o - c) + c``.
@@ -1061,7 +1062,7 @@ def refine_rotation(
         mask_c: its validity mask.
         flip: mirror it first.
         start_deg: the turn to start from, degrees about X, Y, Z.
-        start: the start pose's alignment on ``coarse`` (or on ``content``).
+        start: the start pose's alignment on ``coarse``.
         content: the candidate's content view at half resolution (``View.content().coarse()``)
             when it differs from ``coarse``: the turn found is aligned there too (every shift).
 
