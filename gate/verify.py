@@ -571,6 +571,17 @@ lowest verified score was 0.845 and AUROC against the real patients 0.99999; scr
 0.748 and 0.9985; before the screen, :data:`COARSE_CONTENT` and :data:`ROTATION_REPLACE`,
 0.748 and 0.9982."""
 
+SCREEN_NEAREST = 3
+"""Patients nearest by cosine (the first of the merged neighbours) that join the
+:data:`REFINE_SCREEN` for the half-resolution turn search when their unturned NCC did not already
+put them there. A copy moved 4 voxels, turned 12 degrees and blurred had its source third by
+cosine but unturned at half resolution below 8 others, so it was neither turned nor refined
+(verified 0.646, another patient's 0.767). Chosen on the index's own simulated copies of the 209
+train-split volumes (runs of seeds 0 and 3, split encoder, 418 copies each, no benchmark draw):
+with :data:`VOXEL_MIRROR`, seed 3's copies below the real patients' maximum (0.849) went from 3
+to 2 and their AUROC against the real patients from 0.9960 to 0.9970; seed 0's stayed at none
+(AUROC 1.0); 5 nearest did no better than 3 on either seed, nor a screen of 12 by NCC."""
+
 REFINE_PATIENTS = 2
 """Patients (the best of the :data:`REFINE_SCREEN` after their half-resolution turn search)
 whose alignment is re-scored at full resolution, beside :data:`REFINE_NEAREST`."""
@@ -638,6 +649,13 @@ window's correlation towards strangers; scored over the candidate's content as w
 (:func:`masked_block_correlation`), the channel had the source of 186 of the 209 composite copies
 in its 5 (166 over the whole window alone), and with the encoder's retrieval all 209 were
 verified against their source (207 before; split encoder, bench/composite_misses.py)."""
+
+VOXEL_MIRROR = True
+"""The voxel channel also correlates the candidate's windows mirrored (axis X, as :func:`_turned`
+mirrors). A mirrored copy moved 5.7 voxels, with light noise, was not retrieved by the encoder
+and its source's block means did not correlate with the unmirrored windows, so its source was
+never verified, although mirrored and aligned it scores 0.94 (one of the index's simulated copies
+of the train split, seed 0, copy 340: verified 0.762, below the real patients' 0.849)."""
 
 
 LOCATE_K = 5
@@ -1200,7 +1218,8 @@ class Verifier:
         (:func:`voxel_vector`) and correlated with every stored training grid's (one matrix
         product), once over the whole window and once over its content (the blocks at least half
         inside :meth:`View.content`, :func:`masked_block_correlation`); the higher of the two
-        counts, as in :meth:`verify`. Patient-level max over volumes and windows.
+        counts, as in :meth:`verify`. With :data:`VOXEL_MIRROR` the windows are correlated
+        mirrored as well. Patient-level max over volumes and windows.
 
         Args:
             view: the candidate (:meth:`view`).
@@ -1215,12 +1234,15 @@ class Verifier:
         grid = self.config.grid
         if windows is None:
             windows = search_windows(view, grid)
-        means = np.stack([_block_means(w) for w in windows])
-        q = np.stack([_unit_vector(m) for m in means])  # voxel_vector of each window
-        per_volume = (q @ self._voxel_vectors.T).max(axis=0)
         content = mask_windows(self._content_mask(view), grid)
         if len(content) != len(windows):
             raise ValueError(f"{len(windows)} search windows for {len(content)} content windows")
+        if VOXEL_MIRROR:
+            windows = [*windows, *(w[::-1] for w in windows)]
+            content = [*content, *(c[::-1] for c in content)]
+        means = np.stack([_block_means(np.ascontiguousarray(w)) for w in windows])
+        q = np.stack([_unit_vector(m) for m in means])  # voxel_vector of each window
+        per_volume = (q @ self._voxel_vectors.T).max(axis=0)
         masks = np.stack([_block_mask(c) for c in content])
         inside = masked_block_correlation(means, masks, self._voxel_vectors, self._voxel_squares)
         per_volume = np.maximum(per_volume, inside.max(axis=0))
@@ -1431,6 +1453,8 @@ class Verifier:
             return ncc
 
         screened = sorted(found, key=lambda t: -t[0])[: max(REFINE_SCREEN, REFINE_PATIENTS)]
+        in_screen = {t[1] for t in screened}
+        screened += [t for t in found[:SCREEN_NEAREST] if t[1] not in in_screen]  # cosine order
         if len(screened) > REFINE_PATIENTS:
             after = [turn_of(t) for t in screened]
             screened = [screened[j] for j in np.argsort(-np.asarray(after), kind="stable")]

@@ -496,27 +496,53 @@ def test_rotation_search_scores_the_content_view_at_its_own_shift(hippo: list[Vo
     assert score == max(plain, content.align(*verify._turned(g, m, False, angles)).ncc)
 
 
-def test_the_turn_screen_refines_the_patient_a_turn_lifts(
-    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Unturned, a blurred look-alike beats a turned copy's source at half resolution; turned, it loses."""
+def _screen_case(
+    hippo: list[Volume], source_first: bool, monkeypatch: pytest.MonkeyPatch, **settings: int
+) -> dict[int, np.ndarray]:
+    """A turned copy of hippo[0] verified against its source (0) and a blurred look-alike (1).
+
+    Unturned at half resolution the look-alike beats the source; turned, it loses. Each of the
+    ``settings`` (a :mod:`gate.verify` constant -> values) is tried in turn, one refined patient,
+    none refined for being nearest; returns each value's verified scores in patient order.
+    """
     img, mask = verify.grid_with_mask(hippo[0], CFG, 0)
     lookalike = verify.stored_grid(ndimage.gaussian_filter(img, 2.0).astype(np.float32), mask)
     grids = [verify.stored_grid(img, mask), lookalike]
     pids = ["p-0000000000000001", "p-0000000000000002"]
     full, full_mask = verify.grid_with_mask(hippo[0], CFG, S)
     view = verify.View(apply_pose(full, Pose(rotate_deg=(8.0, -5.0, 4.0))), full_mask)
-    nb = Neighbours((pids[1], pids[0]), np.asarray([0.9, 0.8]), matched=((0, 0), (0, 0)))
+    order = (pids[0], pids[1]) if source_first else (pids[1], pids[0])
+    nb = Neighbours(order, np.asarray([0.9, 0.8]), matched=((0, 0), (0, 0)))
     monkeypatch.setattr(verify, "REFINE_NEAREST", 0)
     monkeypatch.setattr(verify, "REFINE_PATIENTS", 1)
+    ((name, values),) = settings.items()
     scores = {}
-    for screen in (2, 1):  # 1: no screen, the best unturned is refined
-        monkeypatch.setattr(verify, "REFINE_SCREEN", screen)
+    for value in values:
+        monkeypatch.setattr(verify, name, value)
         out = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S).verify(nb, view).verified
         assert out is not None
-        scores[screen] = out
-    assert scores[2][1] > 0.95 and scores[2][1] > scores[2][0] + 0.1  # measured 0.984 against 0.772
-    assert scores[1][1] < 0.8 < scores[1][0]  # unscreened the look-alike is refined: 0.888, the source 0.730
+        scores[value] = out if source_first else out[::-1]
+    return scores
+
+
+def test_the_turn_screen_refines_the_patient_a_turn_lifts(
+    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unturned, a blurred look-alike beats a turned copy's source at half resolution; turned, it loses."""
+    monkeypatch.setattr(verify, "SCREEN_NEAREST", 0)
+    scores = _screen_case(hippo, False, monkeypatch, REFINE_SCREEN=(2, 1))  # 1: no screen
+    assert scores[2][0] > 0.95 and scores[2][0] > scores[2][1] + 0.1  # measured 0.984 against 0.772
+    assert scores[1][0] < 0.8 < scores[1][1]  # unscreened the look-alike is refined: 0.888, the source 0.730
+
+
+def test_the_nearest_by_cosine_join_the_turn_screen(
+    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turned copy's source, first by cosine but not by unturned NCC, is turned and refined."""
+    monkeypatch.setattr(verify, "REFINE_SCREEN", 1)  # the screen by NCC holds the look-alike only
+    scores = _screen_case(hippo, True, monkeypatch, SCREEN_NEAREST=(1, 0))
+    assert scores[1][0] > 0.95 and scores[1][0] > scores[1][1] + 0.1
+    assert scores[0][0] < 0.8  # left out of the screen, the source keeps its unturned score
 
 
 def test_turned_ncc_is_the_ncc_of_the_turned_grid() -> None:
@@ -660,6 +686,24 @@ def test_voxel_channel_ranks_a_cut_and_blurred_copys_source_first(
     monkeypatch.setattr(verify, "masked_block_correlation", lambda m, *_: np.full((len(m), len(pids)), -1.0))
     whole = [verifier.voxel_patients(v, n=1)[0] for v in views]
     assert whole != pids  # measured: 2 of the 6 sources second over the whole window
+
+
+def test_voxel_channel_ranks_a_mirrored_and_moved_copys_source_first(
+    hippo: list[Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirrored copy moved off its grid: its source correlates only with the mirrored windows."""
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+    views = []
+    for v in hippo:
+        img, mask = verify.grid_with_mask(v, CFG, S)
+        moved = ndimage.shift(img[::-1], (3.0, -4.0, 2.0), order=1)
+        views.append(verify.View(moved.astype(np.float32), mask[::-1].copy()))
+    assert [verifier.voxel_patients(v, n=1)[0] for v in views] == pids
+    monkeypatch.setattr(verify, "VOXEL_MIRROR", False)
+    unmirrored = [verifier.voxel_patients(v, n=1)[0] for v in views]
+    assert sum(a == b for a, b in zip(unmirrored, pids, strict=True)) < len(pids) // 2
 
 
 def test_masked_block_correlation_is_pearson_over_the_mask() -> None:
