@@ -1013,7 +1013,7 @@ def _turned_ncc(
         variance_floor: :data:`VARIANCE_FLOOR`.
 
     Returns:
-        The NCC, or -1 where the placement leaves the image, the overlap is short of
+        The NCC in [-1, 1], or -1 where the placement leaves the image, the overlap is short of
         ``min_overlap`` of the turned grid's valid voxels, or either side is flat.
 
     """
@@ -1069,7 +1069,9 @@ def _turned_ncc(
     if var_a <= 0.0 or var_b <= 0.0:
         return -1.0
     den = np.sqrt(var_a * var_b)
-    return cov / den if den > variance_floor * n else -1.0
+    if den <= variance_floor * n:
+        return -1.0
+    return min(max(cov / den, -1.0), 1.0)  # the one-pass sums can round past 1 on an exact copy
 
 
 def refine_rotation(
@@ -1517,7 +1519,7 @@ class Verifier:
             scores[i] = max(scores[i], polished)
         return dataclasses.replace(
             neighbours,
-            verified=np.asarray(scores, dtype=np.float64),
+            verified=np.clip(np.asarray(scores, dtype=np.float64), -1.0, 1.0),
             identity=np.asarray(identity, dtype=np.float64),
         )
 

@@ -568,6 +568,21 @@ def test_the_best_refined_turn_is_polished_at_full_resolution(
     assert scores[(2.0, 1.0)][0] > scores[()][0] + 0.01  # measured 0.972 against 0.956
 
 
+def test_the_one_pass_ncc_of_an_exact_copy_is_at_most_one() -> None:
+    """Its sums round past 1 on some exact copies (seed 1: 1 + 8.9e-16), which the audit record refuses."""
+    g = np.random.default_rng(1).random((16, 24, 16)).astype(np.float32)
+    m = np.ones(g.shape, bool)
+    rot = verify.rotation_matrix(np.radians(np.asarray((1e-9, 0.0, 0.0))))
+    args = (
+        np.pad(g, 4),
+        np.pad(m, 4),
+        np.asarray([4, 4, 4], np.int64),
+        verify.MIN_OVERLAP,
+        verify.VARIANCE_FLOOR,
+    )
+    assert verify._turned_ncc(rot, g, m, True, *args) == 1.0
+
+
 def test_turned_ncc_is_the_ncc_of_the_turned_grid() -> None:
     """The rotation search's fused kernel scores what _ncc_at scores on _turned's output."""
     from gate.poses import rotation_matrix
