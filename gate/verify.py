@@ -1486,6 +1486,7 @@ class Verifier:
         # outside has the same view twice: aligned once); so can the padding counted (WHOLE_GRID)
         whole = view.whole() if WHOLE_GRID else None
         identity = [-1.0] * len(scores)
+        posed: dict[int, tuple[tuple[np.ndarray, np.ndarray], TemplateTerms]] = {}  # kept for the polish
         for _, i, _, flip, angles, aligned in refine:
             (grid, mask), (grid_c, mask_c) = full_of(i), halves[i]
             if i not in turns:
@@ -1493,6 +1494,7 @@ class Verifier:
             turn = turns[i]
             turned = _turned(grid, mask, flip, turn)
             terms = view.template_terms(*turned)  # one set of spectra for all views
+            posed[i] = (turned, terms)
             as_is = self._view_score(view, whole, *turned, bool(mask.all()), flip, turn, terms)
             scores[i] = as_is
             if content_differs:
@@ -1502,24 +1504,16 @@ class Verifier:
             identity[i] = as_is if unturned else self._identity_score(view, whole, grid, mask)
         if POLISH_STEPS_DEG and refine:
             # the best refined patient's turn, searched once more at full resolution
-            top = max((t for t in refine), key=lambda t: scores[t[1]])
-            _, i, _, flip, _, _ = top
+            _, i, _, flip, _, _ = max(refine, key=lambda t: scores[t[1]])
             grid, mask = full_of(i)
+            turned, terms = posed[i]
             on = content if content_differs else view
-            _, polished = refine_rotation(
-                on,
-                grid,
-                mask,
-                flip,
-                turns[i],
-                on.align(*_turned(grid, mask, flip, turns[i])),
-                None,
-                POLISH_STEPS_DEG,
-            )
+            start = on.align(*turned, terms=terms)
+            _, polished = refine_rotation(on, grid, mask, flip, turns[i], start, None, POLISH_STEPS_DEG)
             scores[i] = max(scores[i], polished)
         return dataclasses.replace(
             neighbours,
-            verified=np.clip(np.asarray(scores, dtype=np.float64), -1.0, 1.0),
+            verified=np.asarray(scores, dtype=np.float64),  # every NCC above is in [-1, 1]
             identity=np.asarray(identity, dtype=np.float64),
         )
 
