@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -1222,6 +1225,7 @@ class Verifier:
         self._halves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._trials: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, TemplateTerms]] = {}
         self._kept_bytes = 0
+        self._kept_lock = threading.Lock()  # candidates may be verified on several threads
         self._spectra: tuple[tuple[int, ...], list[tuple[np.ndarray, TemplateSpectra]]] | None = None
         self._voxel_vectors = (
             np.stack([voxel_vector(g) for g in self._grids]) if self._grids else np.zeros((0, 1), np.float32)
@@ -1370,13 +1374,12 @@ class Verifier:
 
     def _block_templates(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every stored grid at :data:`VOXEL_FACTOR`-block resolution with its mask (made once)."""
-        if self._blocks is None:
-            self._blocks = []
+        if self._blocks is None:  # made whole, then published: another thread never sees it half made
+            blocks = []
             for stored in self._grids:
                 valid = np.isfinite(stored)
-                self._blocks.append(
-                    block_view(np.where(valid, stored, 0).astype(np.float32), valid, VOXEL_FACTOR)
-                )
+                blocks.append(block_view(np.where(valid, stored, 0).astype(np.float32), valid, VOXEL_FACTOR))
+            self._blocks = blocks
         return self._blocks
 
     def view(self, volume: Volume) -> View:
@@ -1634,10 +1637,11 @@ class Verifier:
 
     def _keeps(self, size: int) -> bool:
         """Whether ``size`` more bytes fit in :data:`TEMPLATE_CACHE_BYTES` (counted as kept if so)."""
-        if self._kept_bytes + size > TEMPLATE_CACHE_BYTES:
-            return False
-        self._kept_bytes += size
-        return True
+        with self._kept_lock:
+            if self._kept_bytes + size > TEMPLATE_CACHE_BYTES:
+                return False
+            self._kept_bytes += size
+            return True
 
     def _aligned_template(self, patient_id: str, volume: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`template` at the resolution verification aligns (:attr:`factor`)."""
@@ -1757,12 +1761,30 @@ def search_windows(view: View, grid: Sequence[int]) -> list[np.ndarray]:
     return [window(view, grid, s) for s in _SEARCH_SHIFTS]
 
 
+VERIFY_WORKERS_MAX = 4
+"""At most this many threads verify a batch's candidates (:func:`verify_workers`). Each candidate's
+verification is independent and its result does not depend on the thread (asserted bit-equal in
+tests/test_verify.py); the FFTs and compiled turn kernels release the GIL, the Python between them
+does not, so on 2 cores 2 threads verified 16 candidates in 0.82x the time of one, and 6 in 0.73x
+(2026-12-07; the whole generate run in docs/benchmarks.md)."""
+
+
+def verify_workers() -> int:
+    """Threads that verify a batch: the CPUs this process may run on, at most :data:`VERIFY_WORKERS_MAX`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, VERIFY_WORKERS_MAX))
+
+
 def retrieve_and_verify(
     verifier: Verifier | None,
     neighbours: Sequence[Neighbours],
     views: Sequence[View],
     search: Search,
     k: int,
+    workers: int | None = None,
 ) -> list[Neighbours]:
     """Retrieve each candidate's :data:`VERIFY_K` nearest patients over its views, verify them.
 
@@ -1778,6 +1800,8 @@ def retrieve_and_verify(
         views: each candidate's view (:meth:`Verifier.view`).
         search: embeds and searches grids (the index's encoder and search).
         k: patients reported (a policy's ``k``).
+        workers: threads verifying the candidates (None: :func:`verify_workers`); the results
+            are the same for any number.
 
     Returns:
         Per candidate its ``k`` nearest patients by cosine, plus the patient with the highest
@@ -1800,11 +1824,15 @@ def retrieve_and_verify(
         channel = [verifier.voxel_patients(v, windows=w) for v, w in zip(part, cut, strict=True)]
         voxel.extend(channel)
         found.extend(search([g for w in cut for g in w], depth, [p for p in channel for _ in range(n)]))
-    out = []
-    for i, (nb, view) in enumerate(zip(neighbours, views, strict=True)):
-        merged = merge_neighbours([nb, *found[i * n : (i + 1) * n]], depth, voxel[i])
-        out.append(reported(verifier.verify(merged, view), k))
-    return out
+    merged = [
+        merge_neighbours([nb, *found[i * n : (i + 1) * n]], depth, voxel[i])
+        for i, nb in enumerate(neighbours)
+    ]
+    threads = min(len(views), verify_workers() if workers is None else workers)
+    if threads <= 1:
+        return [reported(verifier.verify(m, view), k) for m, view in zip(merged, views, strict=True)]
+    with ThreadPoolExecutor(threads) as pool:  # map keeps order; an error in any one is raised here
+        return [reported(nb, k) for nb in pool.map(verifier.verify, merged, views)]
 
 
 def reported(nb: Neighbours, k: int) -> Neighbours:

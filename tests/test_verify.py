@@ -788,6 +788,35 @@ def test_retrieve_and_verify_verifies_the_source_the_encoder_missed(hippo: list[
     assert out.similarities[-1] == pytest.approx(0.1)  # the cosine the search computed, not made up
 
 
+def test_retrieve_and_verify_on_threads_is_bit_equal_to_one_thread(hippo: list[Volume]) -> None:
+    """Candidates verified on several threads score exactly as on one, in order; an error is raised."""
+    grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
+    pids = [f"p-{i:016x}" for i in range(len(hippo))]
+    matched = ((0, 0),) * len(pids)
+
+    def search(views: list[np.ndarray], k: int, include: list[tuple[str, ...]]) -> list[Neighbours]:
+        return [Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=matched) for _ in include]
+
+    views = [_blurred_copy(v) for v in hippo] + [verify.View(*verify.grid_with_mask(hippo[1], CFG, S))]
+    first = [Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=matched) for _ in views]
+    runs = []
+    for workers in (1, 3):  # a fresh verifier each: kept templates made on other threads too
+        verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
+        runs.append(verify.retrieve_and_verify(verifier, first, views, search, 3, workers=workers))
+    for one, many in zip(*runs, strict=True):
+        assert one.patient_ids == many.patient_ids and one.verified_patient_id == many.verified_patient_id
+        assert one.verified is not None and many.verified is not None
+        assert np.array_equal(one.verified, many.verified)
+        assert np.array_equal(one.similarities, many.similarities)
+        assert one.identity is not None and many.identity is not None
+        assert np.array_equal(one.identity, many.identity)
+    assert [nb.verified_patient_id for nb in runs[1]] == [*pids, pids[1]]
+    stray = Neighbours(tuple(pids), np.linspace(0.99, 0.98, len(pids)), matched=((7, 0),) * len(pids))
+    with pytest.raises(IntegrityError, match="is not in the index"):  # one candidate's, on a thread
+        verify.retrieve_and_verify(verifier, [*first[:-1], stray], views, search, 3, workers=3)
+    assert 1 <= verify.verify_workers() <= verify.VERIFY_WORKERS_MAX
+
+
 def test_exact_neighbours_answers_included_patients_but_never_the_excluded_one() -> None:
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((12, 8)).astype(np.float32)
