@@ -1374,12 +1374,13 @@ class Verifier:
 
     def _block_templates(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every stored grid at :data:`VOXEL_FACTOR`-block resolution with its mask (made once)."""
-        if self._blocks is None:  # made whole, then published: another thread never sees it half made
-            blocks = []
+        if self._blocks is None:
+            self._blocks = []
             for stored in self._grids:
                 valid = np.isfinite(stored)
-                blocks.append(block_view(np.where(valid, stored, 0).astype(np.float32), valid, VOXEL_FACTOR))
-            self._blocks = blocks
+                self._blocks.append(
+                    block_view(np.where(valid, stored, 0).astype(np.float32), valid, VOXEL_FACTOR)
+                )
         return self._blocks
 
     def view(self, volume: Volume) -> View:

@@ -792,13 +792,13 @@ def test_retrieve_and_verify_on_threads_is_bit_equal_to_one_thread(hippo: list[V
     """Candidates verified on several threads score exactly as on one, in order; an error is raised."""
     grids = [verify.stored_grid(*verify.grid_with_mask(v, CFG, 0)) for v in hippo]
     pids = [f"p-{i:016x}" for i in range(len(hippo))]
-    matched = ((0, 0),) * len(pids)
+    nb = Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=((0, 0),) * len(pids))
 
     def search(views: list[np.ndarray], k: int, include: list[tuple[str, ...]]) -> list[Neighbours]:
-        return [Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=matched) for _ in include]
+        return [nb] * len(include)
 
     views = [_blurred_copy(v) for v in hippo] + [verify.View(*verify.grid_with_mask(hippo[1], CFG, S))]
-    first = [Neighbours(tuple(pids), np.linspace(0.9, 0.8, len(pids)), matched=matched) for _ in views]
+    first = [nb] * len(views)
     runs = []
     for workers in (1, 3):  # a fresh verifier each: kept templates made on other threads too
         verifier = verify.Verifier(grids, pids, COMPACT_POSES, CFG, S)
